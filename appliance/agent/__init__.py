@@ -1,0 +1,1 @@
+"""The node agent: runs on the appliance, standard library only."""

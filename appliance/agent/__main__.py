@@ -1,0 +1,56 @@
+"""Command line of the node agent: `appliance-agent report|ready`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from appliance.agent.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from appliance.agent.host import collect_report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="appliance-agent",
+        description="The appliance node agent.",
+        epilog="example: appliance-agent report",
+    )
+    parser.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG_PATH, help="agent config file (default: %(default)s)"
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    verbs.add_parser("report", help="print a JSON report of this host")
+    ready = verbs.add_parser("ready", help="print the one-line ready marker (at boot, on the console)")
+    ready.add_argument("--console", type=Path, help="write the marker to this device instead of stdout")
+    return parser
+
+
+def ready_line(marker: str, build_info_path: Path) -> str:
+    report = collect_report(build_info_path)
+    kvm = "yes" if report.kvm.usable else "no"
+    return f"{marker} host={report.hostname} build={report.build_id} kernel={report.kernel} kvm={kvm}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(f"appliance-agent: {error}", file=sys.stderr)
+        return 1
+    if args.verb == "report":
+        print(json.dumps(collect_report(config.build_info_path).to_json(), indent=2, sort_keys=True))
+        return 0
+    line = ready_line(config.ready_marker, config.build_info_path)
+    if args.console is None:
+        print(line)
+    else:
+        with open(args.console, "w") as console:
+            console.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

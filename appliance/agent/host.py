@@ -1,0 +1,104 @@
+"""Facts about the node the agent runs on, read from /proc, /sys and /dev."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+KVM_GET_API_VERSION = 0xAE00
+KVM_API_VERSION = 12
+
+
+@dataclass(frozen=True)
+class KvmState:
+    present: bool
+    usable: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class HostReport:
+    hostname: str
+    kernel: str
+    build_id: str
+    cpu_model: str
+    cpus: int
+    memory_total_bytes: int
+    memory_available_bytes: int
+    kvm: KvmState
+    uptime_seconds: float
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def read_meminfo(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
+    """Return /proc/meminfo as bytes per field."""
+    fields: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if not parts:
+            continue
+        scale = 1024 if len(parts) > 1 and parts[1] == "kB" else 1
+        fields[name] = int(parts[0]) * scale
+    return fields
+
+
+def read_cpu_model(path: Path = Path("/proc/cpuinfo")) -> str:
+    for line in path.read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "model name":
+            return value.strip()
+    return "unknown"
+
+
+def read_uptime(path: Path = Path("/proc/uptime")) -> float:
+    return float(path.read_text().split()[0])
+
+
+def read_build_id(build_info_path: Path) -> str:
+    """The build id from the image's build.json, or 'unknown' off an appliance."""
+    try:
+        info = json.loads(build_info_path.read_text())
+    except (OSError, ValueError):
+        return "unknown"
+    return str(info.get("build_id", "unknown"))
+
+
+def probe_kvm(device: Path = Path("/dev/kvm")) -> KvmState:
+    """Whether /dev/kvm opens and answers the KVM API version we speak."""
+    if not device.exists():
+        return KvmState(present=False, usable=False, detail=f"{device} does not exist")
+    try:
+        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as error:
+        return KvmState(present=True, usable=False, detail=f"cannot open {device}: {error.strerror}")
+    try:
+        version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+    except OSError as error:
+        return KvmState(present=True, usable=False, detail=f"KVM_GET_API_VERSION failed: {error.strerror}")
+    finally:
+        os.close(fd)
+    if version != KVM_API_VERSION:
+        return KvmState(present=True, usable=False, detail=f"KVM API version {version}, want {KVM_API_VERSION}")
+    return KvmState(present=True, usable=True, detail="KVM API version 12")
+
+
+def collect_report(build_info_path: Path) -> HostReport:
+    memory = read_meminfo()
+    return HostReport(
+        hostname=socket.gethostname(),
+        kernel=os.uname().release,
+        build_id=read_build_id(build_info_path),
+        cpu_model=read_cpu_model(),
+        cpus=os.cpu_count() or 1,
+        memory_total_bytes=memory.get("MemTotal", 0),
+        memory_available_bytes=memory.get("MemAvailable", 0),
+        kvm=probe_kvm(),
+        uptime_seconds=read_uptime(),
+    )

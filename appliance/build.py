@@ -1,0 +1,141 @@
+"""`appliance build`: spec -> rendered elements -> DIB -> boot artifacts + manifest.
+
+Everything is made in DIR/.work first; artifacts move into DIR only when the
+whole build succeeded, so a failed build never destroys the previous one.
+The full DIB log is kept at DIR/build.log either way.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+from appliance import __version__
+from appliance.dib import DEFAULT_CACHE_DIR, build_invocation, run_dib
+from appliance.layout import AGENT_DIR, ELEMENTS_DIR, TEMPLATES_DIR
+from appliance.mirrors import host_mirrors
+from appliance.pack.budget import check_budget
+from appliance.pack.iso import make_iso
+from appliance.pack.live import collect_live_set
+from appliance.pack.manifest import Manifest, describe_artifacts, read_dpkg_manifest, write_manifest
+from appliance.progress import Progress
+from appliance.render import BuildIdentity, kernel_cmdline, render_boot_file, render_image_files
+from appliance.spec import Output, Problem, Spec, SpecError, check_public_key
+
+REQUIRED_TOOLS = ("debootstrap", "mksquashfs", "grub-mkrescue", "xorriso", "mformat", "qemu-img", "sudo")
+
+
+class MissingToolsError(Exception):
+    def __init__(self, missing: list[str]) -> None:
+        self.missing = missing
+        super().__init__(f"missing tools on this machine: {', '.join(missing)} (run `make deps`)")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out_dir: Path
+    manifest_path: Path
+    artifacts: tuple[Path, ...]
+    seconds: float
+
+
+def read_key_files(paths: list[Path]) -> tuple[str, ...]:
+    """Public key lines from --authorized-key files, every bad line reported."""
+    keys: list[str] = []
+    problems: list[Problem] = []
+    for path in paths:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as error:
+            problems.append(Problem(f"--authorized-key {path}", str(path), f"cannot be read: {error.strerror}"))
+            continue
+        for number, line in enumerate(lines, start=1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            reason = check_public_key(line)
+            if reason:
+                problems.append(Problem(f"--authorized-key {path} line {number}", line[:60], reason))
+            else:
+                keys.append(line.strip())
+    if problems:
+        raise SpecError("--authorized-key", problems)
+    return tuple(keys)
+
+
+def check_tools() -> None:
+    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    if missing:
+        raise MissingToolsError(missing)
+
+
+def new_identity(spec: Spec, now: datetime) -> BuildIdentity:
+    digest = spec.digest()
+    return BuildIdentity(
+        build_id=f"{spec.name}-{now:%Y%m%dT%H%M%SZ}-{digest[:8]}",
+        created=now.isoformat(timespec="seconds"),
+        spec_sha256=digest,
+        tool_version=__version__,
+    )
+
+
+def build(spec: Spec, out_dir: Path, progress: Progress, cache_dir: Path = DEFAULT_CACHE_DIR) -> BuildResult:
+    check_tools()
+    started = time.monotonic()
+    identity = new_identity(spec, datetime.now(UTC))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = out_dir / ".work"
+    shutil.rmtree(work, ignore_errors=True)
+    staged = work / "out"
+    staged.mkdir(parents=True)
+    progress.note(f"build {identity.build_id} into {out_dir}")
+
+    with progress.step("render templates into elements"):
+        elements_dir = work / "elements"
+        shutil.copytree(ELEMENTS_DIR, elements_dir, symlinks=True)
+        render_image_files(spec, identity, elements_dir, TEMPLATES_DIR)
+
+    invocation = build_invocation(
+        spec,
+        elements_dir=elements_dir,
+        agent_dir=AGENT_DIR,
+        output_prefix=work / "dib" / spec.name,
+        mirrors=host_mirrors(),
+        cache_dir=cache_dir,
+    )
+    with progress.step(f"build the {spec.release} root with diskimage-builder (log: {out_dir / 'build.log'})"):
+        invocation.output_prefix.parent.mkdir(parents=True)
+        run_dib(invocation, out_dir / "build.log", lambda phase, script: progress.detail(f"{phase} {script}"))
+
+    with progress.step("pack boot artifacts"):
+        live = collect_live_set(invocation.squashfs, invocation.kernel, invocation.initrd, staged, spec.name)
+        made = [live.kernel, live.initrd, live.squashfs]
+        if Output.ISO in spec.outputs:
+            iso = make_iso(live, render_boot_file("grub.cfg", spec, identity), staged / f"{spec.name}.iso", spec.name)
+            made.append(iso)
+        artifacts = describe_artifacts(made)
+        check_budget(artifacts, spec.size_budget_mb)
+
+    seconds = time.monotonic() - started
+    manifest = Manifest(
+        name=spec.name,
+        build_id=identity.build_id,
+        created=identity.created,
+        spec_sha256=identity.spec_sha256,
+        tool_version=__version__,
+        dib_version=metadata.version("diskimage-builder"),
+        release=spec.release,
+        kernel_cmdline=kernel_cmdline(spec),
+        build_seconds=round(seconds, 1),
+        artifacts=artifacts,
+        packages=read_dpkg_manifest(invocation.dpkg_manifest),
+    )
+    final = [out_dir / path.name for path in made]
+    for source, target in zip(made, final, strict=True):
+        source.replace(target)
+    manifest_path = write_manifest(manifest, out_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    return BuildResult(out_dir=out_dir, manifest_path=manifest_path, artifacts=tuple(final), seconds=seconds)

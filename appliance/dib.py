@@ -1,0 +1,125 @@
+"""The DIB command line and environment for a spec, and running it with progress."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from appliance.mirrors import HostMirrors
+from appliance.run import CommandError, run_streaming
+from appliance.spec import Spec
+
+# The stock distro element first, then ours; each of ours pulls in its deps.
+ELEMENTS = ("debian-minimal", "appliance-base", "appliance-kvm", "appliance-agent", "appliance-ssh", "appliance-live")
+PHASE_LINE = re.compile(r"dib-run-parts Running \S*/(?P<phase>[a-z0-9-]+\.d)/(?P<script>\S+)$")
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "image-create"
+
+
+@dataclass(frozen=True)
+class DibInvocation:
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    output_prefix: Path
+
+    @property
+    def squashfs(self) -> Path:
+        # DIB names its squashfs output NAME.squash.
+        return self.output_prefix.with_name(self.output_prefix.name + ".squash")
+
+    @property
+    def kernel(self) -> Path:
+        return self.output_prefix.with_name(self.output_prefix.name + ".vmlinuz")
+
+    @property
+    def initrd(self) -> Path:
+        return self.output_prefix.with_name(self.output_prefix.name + ".initrd")
+
+    @property
+    def dpkg_manifest(self) -> Path:
+        name = self.output_prefix.name
+        return self.output_prefix.with_name(name + ".d") / "dib-manifests" / f"dib-manifest-dpkg-{name}"
+
+
+class BuildError(Exception):
+    """The DIB build failed; names the phase it failed in and where its log is."""
+
+    def __init__(self, phase: str, log_path: Path, tail: str) -> None:
+        self.phase = phase
+        self.log_path = log_path
+        self.tail = tail
+        super().__init__(f"image build failed in {phase}; last lines of the log:\n{tail}\nfull log: {log_path}")
+
+
+def dib_executable() -> str:
+    """disk-image-create from the same environment as this Python, else from PATH."""
+    beside = Path(sys.executable).parent / "disk-image-create"
+    return str(beside) if beside.exists() else "disk-image-create"
+
+
+def build_invocation(
+    spec: Spec,
+    *,
+    elements_dir: Path,
+    agent_dir: Path,
+    output_prefix: Path,
+    mirrors: HostMirrors,
+    cache_dir: Path = DEFAULT_CACHE_DIR,
+    base_env: dict[str, str] | None = None,
+) -> DibInvocation:
+    """The exact disk-image-create command and environment for `spec`."""
+    argv = [dib_executable(), "-a", "amd64", "-t", "squashfs", "-o", str(output_prefix)]
+    if spec.packages:
+        argv += ["-p", ",".join(spec.packages)]
+    argv += ELEMENTS
+    env = dict(os.environ if base_env is None else base_env)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")])
+    env.update(
+        {
+            "ELEMENTS_PATH": str(elements_dir),
+            "DIB_RELEASE": spec.release,
+            "DIB_DISTRIBUTION_MIRROR": spec.mirrors.debian or mirrors.debian,
+            "DIB_DEBIAN_SECURITY_MIRROR": spec.mirrors.security or mirrors.security,
+            "DIB_IMAGE_CACHE": str(cache_dir),
+            # Reuse the debootstrap tarball from the cache: a second build skips debootstrap.
+            "DIB_DEBOOTSTRAP_CACHE": "1",
+            "DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE": "1",
+            "DIB_APPLIANCE_AGENT_SRC": str(agent_dir),
+            "DIB_APPLIANCE_AGENT_USER": spec.ssh.user,
+        }
+    )
+    return DibInvocation(argv=tuple(argv), env=env, output_prefix=output_prefix)
+
+
+class PhaseFollower:
+    """Turns DIB's output into 'where are we' updates and keeps the full log."""
+
+    def __init__(self, log: TextIO, on_phase: Callable[[str, str], None]) -> None:
+        self.log = log
+        self.on_phase = on_phase
+        self.phase = "setup"
+
+    def __call__(self, line: str) -> None:
+        self.log.write(line + "\n")
+        match = PHASE_LINE.search(line)
+        if match:
+            self.phase = match["phase"]
+            self.on_phase(match["phase"], match["script"])
+
+
+def run_dib(invocation: DibInvocation, log_file: Path, on_phase: Callable[[str, str], None]) -> float:
+    """Run DIB; returns seconds taken, raises BuildError naming the failing phase."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with log_file.open("w", buffering=1) as log:
+        follower = PhaseFollower(log, on_phase)
+        try:
+            run_streaming(invocation.argv, env=invocation.env, on_line=follower)
+        except CommandError as error:
+            raise BuildError(follower.phase, log_file, error.output_tail) from error
+    return time.monotonic() - started

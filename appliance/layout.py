@@ -1,0 +1,10 @@
+"""Where the repository keeps the parts the builder reads: elements/ and templates/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+ELEMENTS_DIR = REPOSITORY / "elements"
+TEMPLATES_DIR = REPOSITORY / "templates"
+AGENT_DIR = Path(__file__).resolve().parent / "agent"

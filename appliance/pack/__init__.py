@@ -1,0 +1,1 @@
+"""Turning DIB's result into boot artifacts: one module per artifact family."""

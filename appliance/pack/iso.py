@@ -1,0 +1,53 @@
+"""A hybrid live ISO (BIOS and UEFI; CD, USB stick or BMC media) made with grub-mkrescue.
+
+grub-mkrescue builds its EFI image with mtools and hands the tree to xorriso,
+so nothing here needs a loop device or a vfat/iso9660 mount.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from appliance.pack.live import LiveSet
+from appliance.run import run
+
+# live-boot looks for /live/*.squashfs on every medium it can see.
+ISO_SQUASHFS = "live/filesystem.squashfs"
+ISO_KERNEL = "live/vmlinuz"
+ISO_INITRD = "live/initrd.img"
+
+
+def volume_id(name: str) -> str:
+    """An ISO 9660 volume id: upper case, at most 32 characters."""
+    return name.upper().replace("-", "_")[:32]
+
+
+def make_iso(live: LiveSet, grub_cfg: str, iso_path: Path, name: str) -> Path:
+    with tempfile.TemporaryDirectory(prefix="appliance-iso-", dir=iso_path.parent) as staging_name:
+        staging = Path(staging_name)
+        (staging / "boot" / "grub").mkdir(parents=True)
+        (staging / "boot" / "grub" / "grub.cfg").write_text(grub_cfg)
+        (staging / "live").mkdir()
+        # Hard links: the staging tree sits next to the artifacts, so the
+        # squashfs is not copied.
+        for source, inside in ((live.squashfs, ISO_SQUASHFS), (live.kernel, ISO_KERNEL), (live.initrd, ISO_INITRD)):
+            os.link(source, staging / inside)
+        run(
+            [
+                "grub-mkrescue",
+                "--compress=xz",
+                "--locales=",
+                "--themes=",
+                "--fonts=",
+                "-o",
+                str(iso_path),
+                str(staging),
+                "--",
+                "-volid",
+                volume_id(name),
+            ]
+        )
+    iso_path.chmod(0o644)
+    return iso_path

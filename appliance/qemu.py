@@ -1,0 +1,254 @@
+"""The runner: starts a built appliance in QEMU and watches its serial console.
+
+KVM is used when a probe guest really runs under it (an openable /dev/kvm is
+not enough: some hosts accept the ioctls and then fail to run a vCPU);
+otherwise TCG, and the runner says which and why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+QEMU = "qemu-system-x86_64"
+PROBE_MARKER = b"KVMOK"
+PROBE_SECONDS = 5.0
+
+# A 512-byte boot sector that writes PROBE_MARKER to COM1 and halts:
+#   xor ax,ax; mov ds,ax; cld; mov dx,0x3f8; mov si,msg
+#   next: lodsb; test al,al; jz done; out dx,al; jmp next
+#   done: cli; hlt; jmp $-1
+PROBE_CODE = bytes.fromhex("31c08ed8fcbaf803be177cac84c07403eeebf8faf4ebfd") + PROBE_MARKER + b"\r\n\0"
+PROBE_BOOT_SECTOR = PROBE_CODE.ljust(510, b"\0") + b"\x55\xaa"
+
+
+class QemuError(Exception):
+    """QEMU could not be started, died, or the guest never became ready."""
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    accel: str
+    reason: str
+
+    @property
+    def cpu(self) -> str:
+        return "host" if self.accel == "kvm" else "max"
+
+
+def probe_accel(qemu: str = QEMU, kvm_device: Path = Path("/dev/kvm")) -> AccelChoice:
+    """KVM if a probe guest prints its marker under it within a few seconds, else TCG."""
+    if not os.access(kvm_device, os.R_OK | os.W_OK):
+        return AccelChoice("tcg", f"{kvm_device} is missing or not accessible")
+    with tempfile.TemporaryDirectory(prefix="appliance-kvm-probe-") as tmp:
+        disk, serial = Path(tmp) / "probe.img", Path(tmp) / "serial.log"
+        disk.write_bytes(PROBE_BOOT_SECTOR)
+        argv = [
+            qemu,
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-m",
+            "16",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-drive",
+            f"file={disk},format=raw,if=floppy",
+            "-serial",
+            f"file:{serial}",
+        ]
+        try:
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
+        except OSError as error:
+            raise QemuError(f"cannot start {qemu}: {error.strerror} (run `make deps`)") from error
+        deadline = time.monotonic() + PROBE_SECONDS
+        try:
+            while time.monotonic() < deadline and process.poll() is None:
+                if serial.exists() and PROBE_MARKER in serial.read_bytes():
+                    return AccelChoice("kvm", "a probe guest ran under KVM")
+                time.sleep(0.05)
+        finally:
+            process.kill()
+            _, stderr = process.communicate()
+        detail = stderr.decode(errors="replace").strip().splitlines()
+        why = detail[0] if detail else f"no output from the probe guest within {PROBE_SECONDS:.0f}s"
+        return AccelChoice("tcg", f"KVM cannot run guests here ({why})")
+
+
+def free_local_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class VmPaths:
+    """Where a running appliance keeps its files: DIR/run/."""
+
+    run_dir: Path
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "qemu.pid"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.run_dir / "serial.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.run_dir / "qemu.log"
+
+    @property
+    def ssh_port_file(self) -> Path:
+        return self.run_dir / "ssh-port"
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    iso: Path
+    accel: AccelChoice
+    ssh_port: int
+    memory_mb: int = 2048
+    cpus: int = 2
+    firmware: str = "bios"  # or "uefi"
+
+
+def find_ovmf() -> tuple[Path, Path]:
+    for code, variables in (
+        ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+        ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+    ):
+        if Path(code).exists() and Path(variables).exists():
+            return Path(code), Path(variables)
+    raise QemuError("UEFI firmware (OVMF) not found; install the ovmf package (`make deps`)")
+
+
+def qemu_argv(config: BootConfig, paths: VmPaths) -> list[str]:
+    argv = [
+        QEMU,
+        "-name",
+        "appliance",
+        "-machine",
+        f"q35,accel={config.accel.accel}",
+        "-cpu",
+        config.accel.cpu,
+        "-m",
+        str(config.memory_mb),
+        "-smp",
+        str(config.cpus),
+        "-nodefaults",
+        "-display",
+        "none",
+        "-serial",
+        f"file:{paths.serial_log}",
+        "-drive",
+        f"file={config.iso},media=cdrom,readonly=on,if=ide",
+        "-boot",
+        "d",
+        "-netdev",
+        f"user,id=net0,hostfwd=tcp:127.0.0.1:{config.ssh_port}-:22",
+        "-device",
+        "virtio-net-pci,netdev=net0,romfile=",
+        "-device",
+        "virtio-rng-pci",
+        "-pidfile",
+        str(paths.pid_file),
+    ]
+    if config.firmware == "uefi":
+        code, variables = find_ovmf()
+        own_vars = paths.run_dir / "OVMF_VARS.fd"
+        shutil.copyfile(variables, own_vars)
+        argv += [
+            "-drive",
+            f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+            "-drive",
+            f"if=pflash,format=raw,unit=1,file={own_vars}",
+        ]
+    return argv
+
+
+class RunningVm:
+    """A QEMU process started by `start_vm`; stop() kills it and reaps it."""
+
+    def __init__(self, process: subprocess.Popen[bytes], paths: VmPaths, config: BootConfig, started: float) -> None:
+        self.process = process
+        self.paths = paths
+        self.config = config
+        self.started = started
+
+    def wait_for_console(self, marker: str, timeout: float) -> float:
+        """Seconds from QEMU start until `marker` shows on the serial console."""
+        deadline = self.started + timeout
+        wanted = marker.encode()
+        while time.monotonic() < deadline:
+            if self.paths.serial_log.exists() and wanted in self.paths.serial_log.read_bytes():
+                return time.monotonic() - self.started
+            if self.process.poll() is not None:
+                raise QemuError(f"QEMU exited with code {self.process.returncode}: {self.qemu_log_tail()}")
+            time.sleep(0.1)
+        raise QemuError(
+            f"no {marker!r} on the serial console after {timeout:.0f}s (console log: {self.paths.serial_log})"
+        )
+
+    def qemu_log_tail(self) -> str:
+        try:
+            return " ".join(self.paths.qemu_log.read_text(errors="replace").splitlines()[-5:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.paths.pid_file.unlink(missing_ok=True)
+
+
+def start_vm(config: BootConfig, paths: VmPaths) -> RunningVm:
+    """Start QEMU in its own session so it can outlive this process (boot --wait)."""
+    if not config.iso.is_file():
+        raise QemuError(f"no ISO at {config.iso} (build one with `appliance build`)")
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    paths.serial_log.unlink(missing_ok=True)
+    paths.ssh_port_file.write_text(f"{config.ssh_port}\n")
+    argv = qemu_argv(config, paths)
+    with paths.qemu_log.open("wb") as qemu_log:
+        try:
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        except OSError as error:
+            raise QemuError(f"cannot start {QEMU}: {error.strerror} (run `make deps`)") from error
+    return RunningVm(process, paths, config, time.monotonic())
+
+
+def stop_recorded_vm(paths: VmPaths) -> bool:
+    """Stop the QEMU recorded in DIR/run/qemu.pid; False when none was running."""
+    try:
+        pid = int(paths.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        paths.pid_file.unlink(missing_ok=True)
+        return False
+    paths.pid_file.unlink(missing_ok=True)
+    return True

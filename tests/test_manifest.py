@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from appliance.pack.budget import BudgetError, check_budget
+from appliance.pack.manifest import Artifact, describe_artifacts, read_dpkg_manifest
+
+
+def test_artifacts_are_described_by_size_and_sha256(tmp_path: Path) -> None:
+    path = tmp_path / "a.iso"
+    path.write_bytes(b"x" * 3000)
+    (artifact,) = describe_artifacts([path])
+    assert artifact == Artifact(file="a.iso", size_bytes=3000, sha256=hashlib.sha256(b"x" * 3000).hexdigest())
+
+
+def test_dpkg_manifest_lists_installed_packages_sorted(tmp_path: Path) -> None:
+    path = tmp_path / "dib-manifest-dpkg-demo"
+    path.write_text(
+        json.dumps(
+            {
+                "packages": [
+                    {"package": "zstd", "arch": "amd64", "version": "1.5", "status": "ii "},
+                    {"package": "bash", "arch": "amd64", "version": "5.2", "status": "ii "},
+                    {"package": "gone", "arch": "amd64", "version": "1", "status": "rc "},
+                ]
+            }
+        )
+    )
+    packages = read_dpkg_manifest(path)
+    assert [package.name for package in packages] == ["bash", "zstd"]
+    assert packages[0].version == "5.2"
+
+
+def test_budget_names_every_artifact_over_it() -> None:
+    artifacts = (
+        Artifact("a.iso", 250_000_000, ""),
+        Artifact("a.initrd", 40_000_000, ""),
+        Artifact("a.squashfs", 210_000_000, ""),
+    )
+    with pytest.raises(BudgetError) as caught:
+        check_budget(artifacts, 200)
+    message = str(caught.value)
+    assert "a.iso is 250.0 MB" in message and "a.squashfs is 210.0 MB" in message
+    assert "a.initrd" not in message and "200 MB" in message
+
+
+def test_budget_passes_when_everything_fits() -> None:
+    check_budget((Artifact("a.iso", 200_000_000, ""),), 200)
