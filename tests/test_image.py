@@ -1,0 +1,133 @@
+"""The default appliance, built once by DIB and booted from its ISO in QEMU (slow)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from appliance.pack.budget import MB
+from appliance.render import READY_MARKER
+
+pytestmark = pytest.mark.slow
+BOOT_TIMEOUT = 900
+
+
+def appliance(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "appliance.cli", *args], capture_output=True, text=True, check=False)
+
+
+@dataclass(frozen=True)
+class BootedNode:
+    out_dir: Path
+    ssh_port: int
+    key: Path
+    boot_output: str
+
+    def ssh(self, *command: str, user: str = "appliance") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                "ssh",
+                "-i",
+                str(self.key),
+                "-p",
+                str(self.ssh_port),
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "ConnectTimeout=30",
+                f"{user}@127.0.0.1",
+                *command,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+
+@pytest.fixture(scope="module")
+def node(built_appliance: Path, operator_key: Path) -> Iterator[BootedNode]:
+    result = appliance("boot", str(built_appliance), "--wait", "--timeout", str(BOOT_TIMEOUT))
+    assert result.returncode == 0, result.stdout + result.stderr
+    port = int((built_appliance / "run" / "ssh-port").read_text())
+    try:
+        yield BootedNode(built_appliance, port, operator_key, result.stdout)
+    finally:
+        appliance("stop", str(built_appliance))
+
+
+def manifest_of(out_dir: Path) -> dict:  # type: ignore[type-arg]
+    return json.loads((out_dir / "manifest.json").read_text())
+
+
+def test_manifest_matches_the_files_on_disk(built_appliance: Path) -> None:
+    manifest = manifest_of(built_appliance)
+    files = {artifact["file"] for artifact in manifest["artifacts"]}
+    assert files == {"appliance.vmlinuz", "appliance.initrd", "appliance.squashfs", "appliance.iso"}
+    for artifact in manifest["artifacts"]:
+        path = built_appliance / artifact["file"]
+        assert path.stat().st_size == artifact["size_bytes"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == artifact["sha256"]
+
+
+def test_manifest_lists_the_packages_that_make_a_hypervisor(built_appliance: Path) -> None:
+    manifest = manifest_of(built_appliance)
+    names = {package["name"].split(":")[0] for package in manifest["packages"]}
+    assert {"linux-image-amd64", "qemu-system-x86", "qemu-utils", "python3", "openssh-server", "live-boot"} <= names
+    assert all(package["version"] for package in manifest["packages"])
+    assert manifest["dib_version"] and manifest["build_seconds"] > 0
+    assert len(manifest["spec_sha256"]) == 64
+
+
+def test_every_artifact_is_within_the_default_budget(built_appliance: Path) -> None:
+    for artifact in manifest_of(built_appliance)["artifacts"]:
+        assert artifact["size_bytes"] <= 200 * MB, artifact
+
+
+def test_build_keeps_its_log_and_leaves_no_work_tree(built_appliance: Path) -> None:
+    assert "dib-run-parts" in (built_appliance / "build.log").read_text()
+    assert not (built_appliance / ".work").exists()
+
+
+def test_iso_boots_to_the_ready_marker(node: BootedNode) -> None:
+    console = (node.out_dir / "run" / "serial.log").read_text(errors="replace")
+    build_id = manifest_of(node.out_dir)["build_id"]
+    ready = [line for line in console.splitlines() if READY_MARKER in line]
+    assert len(ready) == 1 and f"build={build_id}" in ready[0]
+    assert "SSH host key" in console and "ED25519" in console
+    assert "ready after" in node.boot_output and "accelerator:" in node.boot_output
+
+
+def test_agent_reports_over_ssh_with_the_operator_key(node: BootedNode) -> None:
+    result = node.ssh("appliance-agent", "report")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["build_id"] == manifest_of(node.out_dir)["build_id"]
+    assert report["hostname"] == "appliance"
+    assert report["memory_total_bytes"] > 1_000_000_000
+    assert report["kvm"]["present"] in (True, False)
+
+
+def test_root_and_unknown_users_are_refused(node: BootedNode) -> None:
+    assert node.ssh("true", user="root").returncode == 255
+    assert node.ssh("true", user="nobody").returncode == 255
+
+
+def test_node_runs_no_failed_units_and_has_qemu_and_kvm_group(node: BootedNode) -> None:
+    # ssh hands the remote shell one command line.
+    result = node.ssh("systemctl --failed --no-legend --plain; qemu-system-x86_64 --version; getent group kvm")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("QEMU emulator version"), result.stdout
+    assert lines[-1].startswith("kvm:")
