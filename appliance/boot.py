@@ -42,13 +42,16 @@ class BootResult:
     pid: int
 
 
-def find_iso(out_dir: Path) -> Path:
+def read_build(out_dir: Path) -> dict[str, object]:
     try:
-        manifest = load_manifest(out_dir)
+        return load_manifest(out_dir)
     except FileNotFoundError as error:
         raise QemuError(
             f"{out_dir} holds no build (no manifest.json); run `appliance build -o {out_dir}` first"
         ) from error
+
+
+def find_iso(out_dir: Path, manifest: dict[str, object]) -> Path:
     artifacts = manifest.get("artifacts")
     entries = artifacts if isinstance(artifacts, list) else []
     isos = [str(entry["file"]) for entry in entries if str(entry.get("file", "")).endswith(".iso")]
@@ -69,7 +72,9 @@ def choose_accel(wanted: str) -> AccelChoice:
 def boot(request: BootRequest, say: TextIO = sys.stdout) -> BootResult:
     """Boot the ISO of the build in DIR. With wait, return once ready and leave QEMU running;
     without, follow the console until Ctrl-C. QEMU is stopped on any error or interrupt."""
-    iso = find_iso(request.out_dir)
+    manifest = read_build(request.out_dir)
+    iso = find_iso(request.out_dir, manifest)
+    user = str(manifest.get("ssh_user", "appliance"))
     accel = choose_accel(request.accel)
     say.write(f"accelerator: {accel.accel} ({accel.reason})\n")
     config = BootConfig(
@@ -83,6 +88,7 @@ def boot(request: BootRequest, say: TextIO = sys.stdout) -> BootResult:
     paths = VmPaths(request.out_dir / "run")
     vm = start_vm(config, paths)
     say.write(f"QEMU pid {vm.process.pid}; console log {paths.serial_log}\n")
+    say.write(f"SSH to the node: ssh -p {config.ssh_port} {user}@127.0.0.1 appliance-agent report\n")
     say.flush()
     try:
         if request.wait:

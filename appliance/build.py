@@ -128,6 +128,7 @@ def build(spec: Spec, out_dir: Path, progress: Progress, cache_dir: Path = DEFAU
         tool_version=__version__,
         dib_version=metadata.version("diskimage-builder"),
         release=spec.release,
+        ssh_user=spec.ssh.user,
         kernel_cmdline=kernel_cmdline(spec),
         build_seconds=round(seconds, 1),
         artifacts=artifacts,

@@ -155,7 +155,6 @@ def cmd_boot(args: argparse.Namespace) -> int:
     result = boot(request)
     if args.wait:
         print(f"ready after {result.seconds_to_ready:.1f}s ({result.accel.accel})")
-        print(f"  reach the agent:  ssh -p {result.ssh_port} appliance@127.0.0.1 appliance-agent report")
         print(f"  console log:      {result.paths.serial_log}")
         print(f"  stop it:          appliance stop {args.dir}")
     return EXIT_OK

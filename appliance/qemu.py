@@ -243,7 +243,13 @@ def stop_recorded_vm(paths: VmPaths) -> bool:
     """Stop the QEMU recorded in DIR/run/qemu.pid; False when none was running."""
     try:
         pid = int(paths.pid_file.read_text().strip())
+        command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
+        paths.pid_file.unlink(missing_ok=True)
+        return False
+    # A stale pid file may name a process that reused the pid: only stop our QEMU.
+    if QEMU.encode() not in command_line or str(paths.pid_file).encode() not in command_line:
+        paths.pid_file.unlink(missing_ok=True)
         return False
     try:
         os.kill(pid, signal.SIGTERM)

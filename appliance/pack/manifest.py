@@ -33,6 +33,7 @@ class Manifest:
     tool_version: str
     dib_version: str
     release: str
+    ssh_user: str
     kernel_cmdline: str
     build_seconds: float
     artifacts: tuple[Artifact, ...]
