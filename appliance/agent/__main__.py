@@ -1,14 +1,16 @@
-"""Command line of the node agent: `appliance-agent report|ready`."""
+"""Command line of the node agent: `appliance-agent serve|report|ready`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from appliance.agent.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from appliance.agent.host import collect_report
+from appliance.agent.server import ServerContext, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", type=Path, default=DEFAULT_CONFIG_PATH, help="agent config file (default: %(default)s)"
     )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help="where guests and images are kept (default: from the config, or $APPLIANCE_STATE_DIR)",
+    )
     verbs = parser.add_subparsers(dest="verb", required=True)
+    verbs.add_parser("serve", help="answer JSON-RPC requests on stdin/stdout, one per line (what SSH runs)")
     verbs.add_parser("report", help="print a JSON report of this host")
     ready = verbs.add_parser("ready", help="print the one-line ready marker (at boot, on the console)")
     ready.add_argument("--console", type=Path, help="write the marker to this device instead of stdout")
@@ -40,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"appliance-agent: {error}", file=sys.stderr)
         return 1
+    state_dir = args.state_dir or Path(os.environ.get("APPLIANCE_STATE_DIR") or config.state_dir)
+    if args.verb == "serve":
+        serve(
+            ServerContext(state_dir=state_dir, build_info_path=config.build_info_path),
+            sys.stdin.buffer,
+            sys.stdout.buffer,
+        )
+        return 0
     if args.verb == "report":
         print(json.dumps(collect_report(config.build_info_path).to_json(), indent=2, sort_keys=True))
         return 0
