@@ -2,51 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from agent_process import AgentProcess
 
 from appliance.agent.protocol import MAX_LINE_BYTES
-
-
-class AgentProcess:
-    def __init__(self, state_dir: Path) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "appliance.agent", "--state-dir", str(state_dir), "serve"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-
-    def send_raw(self, line: bytes) -> dict[str, Any]:
-        assert self.process.stdin and self.process.stdout
-        self.process.stdin.write(line + b"\n")
-        self.process.stdin.flush()
-        reply: dict[str, Any] = json.loads(self.process.stdout.readline())
-        return reply
-
-    def call(self, method: str, params: dict[str, Any] | None = None, request_id: int = 1) -> dict[str, Any]:
-        message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
-        if params is not None:
-            message["params"] = params
-        return self.send_raw(json.dumps(message).encode())
-
-    def close(self) -> int:
-        assert self.process.stdin
-        self.process.stdin.close()
-        return self.process.wait(timeout=30)
 
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[AgentProcess]:
     process = AgentProcess(tmp_path / "state")
     yield process
-    process.process.kill()
-    process.process.wait()
+    process.kill()
 
 
 def test_hello_names_protocol_version_and_methods(agent: AgentProcess) -> None:

@@ -18,6 +18,8 @@ class AgentConfig:
     state_dir: Path
     build_info_path: Path
     ready_marker: str
+    # QEMU's -machine accel= for guests: "kvm:tcg" uses KVM where it works.
+    accel: str = "kvm:tcg"
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -35,4 +37,5 @@ def load_config(path: Path) -> AgentConfig:
         state_dir=Path(str(agent.get("state_dir", "/var/lib/appliance"))),
         build_info_path=Path(str(agent.get("build_info", "/etc/appliance/build.json"))),
         ready_marker=str(agent.get("ready_marker", "APPLIANCE-READY")),
+        accel=str(agent.get("accel", "kvm:tcg")),
     )

@@ -7,12 +7,12 @@ everything an operator can reach.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from appliance.agent import __version__
+from appliance.agent import __version__, guests
 from appliance.agent.host import collect_report
+from appliance.agent.model import check_fields, check_int, check_name, parse_guest_spec
 from appliance.agent.protocol import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -24,12 +24,23 @@ from appliance.agent.protocol import (
     read_line,
     result_message,
 )
+from appliance.agent.store import Store
 
 
-@dataclass(frozen=True)
 class ServerContext:
-    state_dir: Path
-    build_info_path: Path
+    """What one connection's requests share; the store opens on first use."""
+
+    def __init__(self, state_dir: Path, build_info_path: Path, accel: str = "kvm:tcg") -> None:
+        self.state_dir = state_dir
+        self.build_info_path = build_info_path
+        self.host = guests.Host(state_dir=state_dir, accel=accel)
+        self._store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.state_dir)
+        return self._store
 
 
 Method = Callable[[ServerContext, dict[str, Any]], Any]
@@ -52,9 +63,76 @@ def host_report(context: ServerContext, params: dict[str, Any]) -> dict[str, obj
     return collect_report(context.build_info_path).to_json()
 
 
+def guest_name(params: dict[str, Any], extra: set[str] | None = None) -> str:
+    check_fields(params, {"name"} | (extra or set()), "params")
+    return check_name(params.get("name"))
+
+
+def flag(params: dict[str, Any], field: str) -> bool:
+    value = params.get(field, False)
+    if not isinstance(value, bool):
+        raise AgentError("invalid_params", f"{field} must be true or false", INVALID_PARAMS, {"field": field})
+    return value
+
+
+def guest_create(context: ServerContext, params: dict[str, Any]) -> Any:
+    return guests.create_guest(context.host, context.store, parse_guest_spec(params))
+
+
+def guest_start(context: ServerContext, params: dict[str, Any]) -> Any:
+    return guests.start_guest(context.host, context.store, guest_name(params))
+
+
+def guest_stop(context: ServerContext, params: dict[str, Any]) -> Any:
+    name = guest_name(params, {"timeout"})
+    return guests.stop_guest(context.host, context.store, name, check_int(params, "timeout", 0, 3600, 60))
+
+
+def guest_kill(context: ServerContext, params: dict[str, Any]) -> Any:
+    return guests.kill_guest(context.host, context.store, guest_name(params))
+
+
+def qmp_verb(command: str) -> Method:
+    def method(context: ServerContext, params: dict[str, Any]) -> Any:
+        return guests.guest_command(context.host, context.store, guest_name(params), command)
+
+    return method
+
+
+def guest_delete(context: ServerContext, params: dict[str, Any]) -> Any:
+    name = guest_name(params, {"force", "remove_disks"})
+    return guests.delete_guest(context.host, context.store, name, flag(params, "force"), flag(params, "remove_disks"))
+
+
+def guest_list(context: ServerContext, params: dict[str, Any]) -> Any:
+    no_params(params)
+    return guests.list_guests(context.host, context.store)
+
+
+def guest_info(context: ServerContext, params: dict[str, Any]) -> Any:
+    return guests.guest_info(context.host, context.store, guest_name(params))
+
+
+def guest_console(context: ServerContext, params: dict[str, Any]) -> Any:
+    name = guest_name(params, {"max_bytes"})
+    limit = check_int(params, "max_bytes", 1, guests.CONSOLE_TAIL_MAX, 4096)
+    return guests.console_tail(context.host, context.store, name, limit)
+
+
 METHODS: dict[str, Method] = {
     "agent.hello": agent_hello,
     "host.report": host_report,
+    "guest.create": guest_create,
+    "guest.start": guest_start,
+    "guest.stop": guest_stop,
+    "guest.kill": guest_kill,
+    "guest.reboot": qmp_verb("system_reset"),
+    "guest.pause": qmp_verb("stop"),
+    "guest.resume": qmp_verb("cont"),
+    "guest.delete": guest_delete,
+    "guest.list": guest_list,
+    "guest.info": guest_info,
+    "guest.console": guest_console,
 }
 
 

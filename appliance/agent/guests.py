@@ -1,0 +1,283 @@
+"""Guest lifecycle on QEMU: disks, start, stop, pause, info, delete.
+
+Guests are separate processes: QEMU daemonizes with a pid file and a QMP
+socket in the guest's directory, so an agent that restarts (or the next one,
+since every SSH connection runs its own) finds every running guest again from
+those two files. State is never cached: it is read from the pid and QMP.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.agent.model import GuestSpec, check_name
+from appliance.agent.protocol import AgentError
+from appliance.agent.qmp import QMPClient, QMPError
+from appliance.agent.store import Store
+
+QEMU = "qemu-system-x86_64"
+QEMU_IMG = "qemu-img"
+CONSOLE_TAIL_MAX = 64 * 1024
+
+
+@dataclass(frozen=True)
+class GuestPaths:
+    directory: Path
+
+    @property
+    def pid_file(self) -> Path:
+        return self.directory / "qemu.pid"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.directory / "qmp.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.directory / "console.log"
+
+    def disk(self, index: int) -> Path:
+        return self.directory / f"disk{index}.qcow2"
+
+
+@dataclass(frozen=True)
+class Host:
+    """Where guests live and how QEMU is run on this node."""
+
+    state_dir: Path
+    accel: str = "kvm:tcg"
+
+    @property
+    def guests_dir(self) -> Path:
+        return self.state_dir / "guests"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.state_dir / "images"
+
+    def paths(self, name: str) -> GuestPaths:
+        return GuestPaths(self.guests_dir / check_name(name))
+
+    def image(self, name: str) -> Path:
+        path = self.images_dir / check_name(name)
+        if not path.is_file():
+            raise AgentError("image_not_found", f"no image named {name!r} in the image store")
+        return path
+
+
+def run_tool(argv: list[str]) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise AgentError("tool_failed", f"{argv[0]} failed: {result.stderr.strip()[-500:]}")
+
+
+def create_guest(host: Host, store: Store, spec: GuestSpec) -> dict[str, Any]:
+    """Disks first, then the row; any failure removes what was made."""
+    paths = host.paths(spec.name)
+    try:
+        paths.directory.mkdir(parents=True)
+    except FileExistsError as error:
+        raise AgentError("guest_exists", f"a guest named {spec.name!r} already exists") from error
+    try:
+        for index, disk in enumerate(spec.disks):
+            if disk.base_image:
+                base = host.image(disk.base_image)
+                run_tool([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "qcow2" if base.suffix == ".qcow2" else "raw",
+                          "-b", str(base), str(paths.disk(index))])  # fmt: skip
+            else:
+                run_tool([QEMU_IMG, "create", "-q", "-f", "qcow2", str(paths.disk(index)), f"{disk.size_gib}G"])
+        if spec.kernel_boot:
+            host.image(spec.kernel_boot.kernel_image)
+            if spec.kernel_boot.initrd_image:
+                host.image(spec.kernel_boot.initrd_image)
+        store.add_guest(spec)
+    except BaseException:
+        shutil.rmtree(paths.directory, ignore_errors=True)
+        raise
+    return spec.to_json()
+
+
+def running_pid(paths: GuestPaths) -> int | None:
+    """The pid of this guest's QEMU if it is alive (and really is QEMU)."""
+    try:
+        pid = int(paths.pid_file.read_text().strip())
+        command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if QEMU.encode() in command_line else None
+
+
+def qemu_argv(host: Host, spec: GuestSpec, paths: GuestPaths) -> list[str]:
+    argv = [
+        QEMU, "-name", f"guest={spec.name}", "-machine", f"q35,accel={host.accel}",
+        "-cpu", "max" if host.accel == "tcg" else "host",
+        "-smp", str(spec.vcpus), "-m", str(spec.memory_mib),
+        "-nodefaults", "-no-user-config", "-display", "none",
+        "-sandbox", "on",
+        "-daemonize", "-pidfile", str(paths.pid_file),
+        "-qmp", f"unix:{paths.qmp_socket},server=on,wait=off",
+        "-serial", f"file:{paths.console_log}",
+        "-device", "virtio-balloon-pci,id=balloon0",
+    ]  # fmt: skip
+    for index, _ in enumerate(spec.disks):
+        argv += ["-drive", f"file={paths.disk(index)},if=virtio,format=qcow2"]
+    for index in range(spec.nics):
+        argv += ["-netdev", f"user,id=net{index}", "-device", f"virtio-net-pci,netdev=net{index},romfile="]
+    if spec.kernel_boot:
+        argv += ["-kernel", str(host.image(spec.kernel_boot.kernel_image))]
+        if spec.kernel_boot.initrd_image:
+            argv += ["-initrd", str(host.image(spec.kernel_boot.initrd_image))]
+        if spec.kernel_boot.cmdline:
+            argv += ["-append", spec.kernel_boot.cmdline]
+    return argv
+
+
+def start_guest(host: Host, store: Store, name: str) -> dict[str, Any]:
+    spec = store.guest(name)
+    paths = host.paths(name)
+    if running_pid(paths) is not None:
+        raise AgentError("guest_running", f"guest {name!r} is already running")
+    paths.qmp_socket.unlink(missing_ok=True)
+    paths.console_log.unlink(missing_ok=True)
+    started = time.monotonic()
+    run_tool(qemu_argv(host, spec, paths))
+    return {"name": name, "pid": running_pid(paths), "seconds": round(time.monotonic() - started, 3)}
+
+
+def qmp(host: Host, name: str) -> QMPClient:
+    paths = host.paths(name)
+    if running_pid(paths) is None:
+        raise AgentError("guest_not_running", f"guest {name!r} is not running")
+    client = QMPClient(paths.qmp_socket)
+    try:
+        client.connect()
+    except QMPError as error:
+        raise AgentError("qmp_failed", f"guest {name!r}: {error}") from error
+    return client
+
+
+def guest_command(host: Host, store: Store, name: str, command: str) -> dict[str, Any]:
+    """pause (stop), resume (cont) and reboot (system_reset) through QMP."""
+    store.guest(name)
+    with qmp(host, name) as client:
+        client.execute(command)
+    return guest_info(host, store, name)
+
+
+def wait_gone(pid: int, deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def stop_guest(host: Host, store: Store, name: str, timeout: float) -> dict[str, Any]:
+    """ACPI power-down, then force after `timeout` seconds."""
+    store.guest(name)
+    pid = running_pid(host.paths(name))
+    if pid is None:
+        raise AgentError("guest_not_running", f"guest {name!r} is not running")
+    with qmp(host, name) as client:
+        client.execute("system_powerdown")
+    forced = not wait_gone(pid, time.monotonic() + timeout)
+    if forced:
+        kill_pid(pid)
+    return {"name": name, "forced": forced}
+
+
+def kill_pid(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    wait_gone(pid, time.monotonic() + 10)
+
+
+def kill_guest(host: Host, store: Store, name: str) -> dict[str, Any]:
+    store.guest(name)
+    pid = running_pid(host.paths(name))
+    if pid is None:
+        raise AgentError("guest_not_running", f"guest {name!r} is not running")
+    kill_pid(pid)
+    return {"name": name, "killed": True}
+
+
+def guest_state(host: Host, name: str) -> tuple[str, int | None]:
+    paths = host.paths(name)
+    pid = running_pid(paths)
+    if pid is None:
+        return "stopped", None
+    try:
+        with QMPClient(paths.qmp_socket, timeout=5) as client:
+            status = client.execute("query-status")["status"]
+    except QMPError:
+        return "unknown", pid
+    return ("running" if status == "running" else str(status)), pid
+
+
+def guest_info(host: Host, store: Store, name: str) -> dict[str, Any]:
+    spec = store.guest(name)
+    state, pid = guest_state(host, name)
+    paths = host.paths(name)
+    info: dict[str, Any] = {"name": name, "state": state, "pid": pid, "definition": spec.to_json(),
+                            "console_log": str(paths.console_log),
+                            "disks": [str(paths.disk(index)) for index in range(len(spec.disks))]}  # fmt: skip
+    if pid is not None:
+        ticks = os.sysconf("SC_CLK_TCK")
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        info["cpu_seconds"] = (int(fields[11]) + int(fields[12])) / ticks
+    return info
+
+
+def list_guests(host: Host, store: Store) -> list[dict[str, Any]]:
+    listed = []
+    for spec in store.guests():
+        state, pid = guest_state(host, spec.name)
+        listed.append(
+            {"name": spec.name, "state": state, "pid": pid, "vcpus": spec.vcpus, "memory_mib": spec.memory_mib}
+        )
+    return listed
+
+
+def console_tail(host: Host, store: Store, name: str, max_bytes: int) -> dict[str, Any]:
+    store.guest(name)
+    path = host.paths(name).console_log
+    try:
+        with path.open("rb") as log:
+            log.seek(0, os.SEEK_END)
+            size = log.tell()
+            log.seek(max(0, size - max_bytes))
+            data = log.read()
+    except FileNotFoundError:
+        data = b""
+    return {"name": name, "text": data.decode(errors="replace")}
+
+
+def delete_guest(host: Host, store: Store, name: str, force: bool, remove_disks: bool) -> dict[str, Any]:
+    store.guest(name)
+    paths = host.paths(name)
+    pid = running_pid(paths)
+    if pid is not None:
+        if not force:
+            raise AgentError("guest_running", f"guest {name!r} is running; stop it first or pass force")
+        kill_pid(pid)
+    store.remove_guest(name)
+    if remove_disks:
+        shutil.rmtree(paths.directory, ignore_errors=True)
+        return {"name": name, "deleted": True, "disks_kept_in": None}
+    # Kept disks move aside so the name is free again and nothing is lost.
+    kept = host.state_dir / "kept-disks" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    if paths.directory.exists():
+        paths.directory.rename(kept)
+    return {"name": name, "deleted": True, "disks_kept_in": str(kept)}

@@ -1,0 +1,151 @@
+"""Guest definitions as requests give them: checked field by field, unknown fields refused."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Any
+
+from appliance.agent.protocol import INVALID_PARAMS, AgentError
+
+# Names become file and unit names: no separators, no dots-only, bounded.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+MAX_VCPUS = 256
+MAX_MEMORY_MIB = 4 * 1024 * 1024
+MAX_DISK_GIB = 64 * 1024
+MAX_DISKS = 16
+MAX_NICS = 8
+MAX_CMDLINE = 4096
+
+
+class RestartPolicy(StrEnum):
+    NEVER = "never"
+    ON_FAILURE = "on-failure"
+    ALWAYS = "always"
+
+
+@dataclass(frozen=True)
+class Disk:
+    size_gib: int = 0
+    base_image: str = ""
+
+
+@dataclass(frozen=True)
+class KernelBoot:
+    kernel_image: str
+    initrd_image: str = ""
+    cmdline: str = ""
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    name: str
+    vcpus: int
+    memory_mib: int
+    disks: tuple[Disk, ...] = ()
+    nics: int = 0
+    kernel_boot: KernelBoot | None = None
+    autostart: bool = False
+    restart: RestartPolicy = RestartPolicy.NEVER
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def invalid(message: str, field: str) -> AgentError:
+    return AgentError("invalid_params", message, INVALID_PARAMS, {"field": field})
+
+
+def check_name(value: object, field: str = "name") -> str:
+    if not isinstance(value, str) or not NAME_PATTERN.match(value) or set(value) <= {"."}:
+        raise invalid(
+            f"{field} must be 1-63 characters of letters, digits, '_', '.', '-', starting with a letter or digit",
+            field,
+        )
+    return value
+
+
+def check_int(params: dict[str, Any], field: str, low: int, high: int, default: int | None = None) -> int:
+    value = params.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise invalid(f"{field} must be a whole number from {low} to {high}", field)
+    return value
+
+
+def check_fields(params: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise invalid(f"unknown field(s) in {where}: {', '.join(unknown)}", f"{where}.{unknown[0]}")
+
+
+def parse_guest_spec(params: dict[str, Any]) -> GuestSpec:
+    check_fields(
+        params, {"name", "vcpus", "memory_mib", "disks", "nics", "kernel_boot", "autostart", "restart"}, "guest"
+    )
+    disks_value = params.get("disks", [])
+    if not isinstance(disks_value, list) or len(disks_value) > MAX_DISKS:
+        raise invalid(f"disks must be a list of at most {MAX_DISKS} disks", "disks")
+    disks = tuple(parse_disk(disk, index) for index, disk in enumerate(disks_value))
+    autostart = params.get("autostart", False)
+    if not isinstance(autostart, bool):
+        raise invalid("autostart must be true or false", "autostart")
+    try:
+        restart = RestartPolicy(params.get("restart", "never"))
+    except ValueError as error:
+        raise invalid(f"restart must be one of {', '.join(RestartPolicy)}", "restart") from error
+    boot = params.get("kernel_boot")
+    return GuestSpec(
+        name=check_name(params.get("name")),
+        vcpus=check_int(params, "vcpus", 1, MAX_VCPUS, 1),
+        memory_mib=check_int(params, "memory_mib", 16, MAX_MEMORY_MIB),
+        disks=disks,
+        nics=check_int(params, "nics", 0, MAX_NICS, 0),
+        kernel_boot=None if boot is None else parse_kernel_boot(boot),
+        autostart=autostart,
+        restart=restart,
+    )
+
+
+def parse_disk(value: object, index: int) -> Disk:
+    where = f"disks[{index}]"
+    if not isinstance(value, dict):
+        raise invalid(f"{where} must be an object", where)
+    check_fields(value, {"size_gib", "base_image"}, where)
+    if "base_image" in value:
+        if "size_gib" in value:
+            raise invalid(f"{where}: give size_gib or base_image, not both", where)
+        return Disk(base_image=check_name(value["base_image"], f"{where}.base_image"))
+    return Disk(size_gib=check_int(value, "size_gib", 1, MAX_DISK_GIB))
+
+
+def parse_kernel_boot(value: object) -> KernelBoot:
+    if not isinstance(value, dict):
+        raise invalid("kernel_boot must be an object", "kernel_boot")
+    check_fields(value, {"kernel_image", "initrd_image", "cmdline"}, "kernel_boot")
+    initrd = value.get("initrd_image", "")
+    cmdline = value.get("cmdline", "")
+    if not isinstance(cmdline, str) or len(cmdline) > MAX_CMDLINE or "\n" in cmdline or "\0" in cmdline:
+        raise invalid(
+            f"kernel_boot.cmdline must be one line of at most {MAX_CMDLINE} characters", "kernel_boot.cmdline"
+        )
+    return KernelBoot(
+        kernel_image=check_name(value.get("kernel_image"), "kernel_boot.kernel_image"),
+        initrd_image=check_name(initrd, "kernel_boot.initrd_image") if initrd else "",
+        cmdline=cmdline,
+    )
+
+
+def guest_spec_from_json(data: dict[str, Any]) -> GuestSpec:
+    """Rebuild a stored definition (already checked when it was created)."""
+    boot = data.get("kernel_boot")
+    return GuestSpec(
+        name=data["name"],
+        vcpus=data["vcpus"],
+        memory_mib=data["memory_mib"],
+        disks=tuple(Disk(**disk) for disk in data["disks"]),
+        nics=data["nics"],
+        kernel_boot=KernelBoot(**boot) if boot else None,
+        autostart=data["autostart"],
+        restart=RestartPolicy(data["restart"]),
+    )

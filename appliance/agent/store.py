@@ -1,0 +1,75 @@
+"""The agent's state: SQLite (WAL, full sync) under the state directory.
+
+Every change is one transaction, so a failed or interrupted change leaves no
+row behind. Several agent processes (one per SSH connection) share the file.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from appliance.agent.model import GuestSpec, guest_spec_from_json
+from appliance.agent.protocol import AgentError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS guests (
+    name TEXT PRIMARY KEY,
+    definition TEXT NOT NULL,
+    created REAL NOT NULL
+);
+"""
+BUSY_TIMEOUT_SECONDS = 30
+
+
+class Store:
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / "agent.db"
+        self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE: writers queue up instead of failing half way."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def add_guest(self, spec: GuestSpec) -> None:
+        try:
+            with self.transaction() as db:
+                db.execute(
+                    "INSERT INTO guests (name, definition, created) VALUES (?, ?, ?)",
+                    (spec.name, json.dumps(spec.to_json()), time.time()),
+                )
+        except sqlite3.IntegrityError as error:
+            raise AgentError("guest_exists", f"a guest named {spec.name!r} already exists") from error
+
+    def guest(self, name: str) -> GuestSpec:
+        row = self.db.execute("SELECT definition FROM guests WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise AgentError("guest_not_found", f"no guest named {name!r}")
+        return guest_spec_from_json(json.loads(row[0]))
+
+    def guests(self) -> list[GuestSpec]:
+        rows = self.db.execute("SELECT definition FROM guests ORDER BY name").fetchall()
+        return [guest_spec_from_json(json.loads(row[0])) for row in rows]
+
+    def remove_guest(self, name: str) -> None:
+        with self.transaction() as db:
+            if db.execute("DELETE FROM guests WHERE name = ?", (name,)).rowcount == 0:
+                raise AgentError("guest_not_found", f"no guest named {name!r}")

@@ -1,0 +1,53 @@
+"""A real `appliance-agent serve` process for tests, spoken to over its pipes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class AgentProcess:
+    def __init__(self, state_dir: Path, accel: str = "tcg") -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "appliance.agent", "--state-dir", str(state_dir), "serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "APPLIANCE_ACCEL": accel},
+        )
+
+    def send_raw(self, line: bytes) -> dict[str, Any]:
+        assert self.process.stdin and self.process.stdout
+        self.process.stdin.write(line + b"\n")
+        self.process.stdin.flush()
+        reply: dict[str, Any] = json.loads(self.process.stdout.readline())
+        return reply
+
+    def call(self, method: str, params: dict[str, Any] | None = None, request_id: int = 1) -> dict[str, Any]:
+        message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        return self.send_raw(json.dumps(message).encode())
+
+    def result(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        reply = self.call(method, params)
+        assert "result" in reply, reply
+        return reply["result"]
+
+    def error_code(self, method: str, params: dict[str, Any] | None = None) -> str:
+        reply = self.call(method, params)
+        assert "error" in reply, reply
+        code: str = reply["error"]["data"]["code"]
+        return code
+
+    def close(self) -> int:
+        assert self.process.stdin
+        self.process.stdin.close()
+        return self.process.wait(timeout=30)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()

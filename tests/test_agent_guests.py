@@ -1,0 +1,152 @@
+"""Guest lifecycle through a real agent, real SQLite, real qemu-img and real QEMU (TCG).
+
+The guest is a boot sector that prints a marker on its serial port: it boots
+in well under a second even under TCG. It is put into the image store
+directly; image.import is a separate piece of the protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from agent_process import AgentProcess
+
+from appliance.qemu import PROBE_BOOT_SECTOR, PROBE_MARKER
+
+DEADLINE = 60.0
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    images = tmp_path / "state" / "images"
+    images.mkdir(parents=True)
+    # A disk of one sector does not boot under SeaBIOS; a megabyte does.
+    (images / "marker-guest").write_bytes(PROBE_BOOT_SECTOR.ljust(1 << 20, b"\0"))
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def agent(state_dir: Path) -> Iterator[AgentProcess]:
+    process = AgentProcess(state_dir)
+    yield process
+    for guest in process.result("guest.list"):
+        if guest["state"] != "stopped":
+            process.call("guest.kill", {"name": guest["name"]})
+    process.kill()
+
+
+GUEST = {"name": "g1", "vcpus": 1, "memory_mib": 32, "disks": [{"base_image": "marker-guest"}]}
+
+
+def wait_for(condition, what: str, deadline: float = DEADLINE):  # type: ignore[no-untyped-def]
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_create_start_console_stop_delete(agent: AgentProcess, state_dir: Path) -> None:
+    created = agent.result("guest.create", GUEST)
+    assert created["name"] == "g1"
+    assert (state_dir / "guests" / "g1" / "disk0.qcow2").exists()
+    assert agent.result("guest.list") == [{"name": "g1", "state": "stopped", "pid": None, "vcpus": 1, "memory_mib": 32}]
+
+    started = agent.result("guest.start", {"name": "g1"})
+    assert started["pid"] > 0
+    wait_for(lambda: PROBE_MARKER.decode() in agent.result("guest.console", {"name": "g1"})["text"], "the marker")
+    info = agent.result("guest.info", {"name": "g1"})
+    assert info["state"] == "running" and info["pid"] == started["pid"] and info["cpu_seconds"] >= 0
+
+    assert agent.error_code("guest.start", {"name": "g1"}) == "guest_running"
+    assert agent.error_code("guest.delete", {"name": "g1"}) == "guest_running"
+
+    # The boot sector ignores ACPI, so the deadline passes and the stop is forced.
+    assert agent.result("guest.stop", {"name": "g1", "timeout": 1}) == {"name": "g1", "forced": True}
+    assert agent.result("guest.info", {"name": "g1"})["state"] == "stopped"
+    assert agent.result("guest.delete", {"name": "g1", "remove_disks": True})["deleted"] is True
+    assert agent.result("guest.list") == []
+    assert not (state_dir / "guests" / "g1").exists()
+
+
+def test_pause_and_resume(agent: AgentProcess) -> None:
+    agent.result("guest.create", GUEST)
+    agent.result("guest.start", {"name": "g1"})
+    assert agent.result("guest.pause", {"name": "g1"})["state"] == "paused"
+    assert agent.result("guest.resume", {"name": "g1"})["state"] == "running"
+
+
+def test_a_new_agent_adopts_the_running_guest(state_dir: Path) -> None:
+    first = AgentProcess(state_dir)
+    first.result("guest.create", GUEST)
+    pid = first.result("guest.start", {"name": "g1"})["pid"]
+    first.kill()
+    second = AgentProcess(state_dir)
+    try:
+        assert second.result("guest.info", {"name": "g1"})["pid"] == pid
+        assert second.result("guest.list")[0]["state"] == "running"
+        assert second.result("guest.kill", {"name": "g1"}) == {"name": "g1", "killed": True}
+    finally:
+        second.kill()
+
+
+def test_failed_create_leaves_no_row_and_no_disk(agent: AgentProcess, state_dir: Path) -> None:
+    bad = {**GUEST, "disks": [{"size_gib": 1}, {"base_image": "no-such-image"}]}
+    assert agent.error_code("guest.create", bad) == "image_not_found"
+    assert agent.result("guest.list") == []
+    assert not (state_dir / "guests" / "g1").exists()
+
+
+def test_deleting_without_remove_disks_keeps_them_aside(agent: AgentProcess, state_dir: Path) -> None:
+    agent.result("guest.create", GUEST)
+    kept = Path(agent.result("guest.delete", {"name": "g1"})["disks_kept_in"])
+    assert (kept / "disk0.qcow2").exists()
+    agent.result("guest.create", GUEST)
+
+
+def test_racing_creates_of_one_name_one_wins(state_dir: Path) -> None:
+    params = {"name": "race", "memory_mib": 32, "disks": [{"size_gib": 1}]}
+    request = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "guest.create", "params": params}).encode() + b"\n"
+    command = [sys.executable, "-m", "appliance.agent", "--state-dir", str(state_dir), "serve"]
+    racers = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(4)]
+    replies = [racer.communicate(request, timeout=60)[0].decode() for racer in racers]
+    assert sum('"result"' in reply for reply in replies) == 1, replies
+    assert sum('"guest_exists"' in reply for reply in replies) == 3, replies
+
+
+BAD_GUEST_PARAMS = [
+    ({**GUEST, "name": "../etc"}, "invalid_params"),
+    ({**GUEST, "name": ".."}, "invalid_params"),
+    ({**GUEST, "name": "x" * 64}, "invalid_params"),
+    ({**GUEST, "memory_mib": 0}, "invalid_params"),
+    ({**GUEST, "memory_mib": True}, "invalid_params"),
+    ({**GUEST, "vcpus": -1}, "invalid_params"),
+    ({**GUEST, "disks": [{"size_gib": 0}]}, "invalid_params"),
+    ({**GUEST, "disks": [{"size_gib": 1, "base_image": "marker-guest"}]}, "invalid_params"),
+    ({**GUEST, "disks": [{"base_image": "../../etc/passwd"}]}, "invalid_params"),
+    ({**GUEST, "kernel_boot": {"kernel_image": "marker-guest", "cmdline": "a\nb"}}, "invalid_params"),
+    ({**GUEST, "restart": "sometimes"}, "invalid_params"),
+    ({**GUEST, "colour": "red"}, "invalid_params"),
+]
+
+
+@pytest.mark.parametrize(("params", "code"), BAD_GUEST_PARAMS)
+def test_bad_guest_definitions_are_refused_and_the_connection_goes_on(
+    agent: AgentProcess, params: dict, code: str, state_dir: Path
+) -> None:
+    assert agent.error_code("guest.create", params) == code
+    assert agent.result("guest.list") == []
+    assert not (state_dir / "etc").exists()
+
+
+@pytest.mark.parametrize("method", ["guest.start", "guest.info", "guest.console", "guest.delete", "guest.pause"])
+def test_unknown_guest_is_named(agent: AgentProcess, method: str) -> None:
+    assert agent.error_code(method, {"name": "ghost"}) == "guest_not_found"
