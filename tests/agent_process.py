@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -25,6 +26,19 @@ class AgentProcess:
         self.process.stdin.flush()
         reply: dict[str, Any] = json.loads(self.process.stdout.readline())
         return reply
+
+    def send_with_data(self, method: str, params: dict[str, Any], data: bytes) -> dict[str, Any]:
+        """A request whose line is followed by raw data (image.import)."""
+        assert self.process.stdin and self.process.stdout
+        line = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
+        self.process.stdin.write(line + b"\n" + data)
+        self.process.stdin.flush()
+        reply: dict[str, Any] = json.loads(self.process.stdout.readline())
+        return reply
+
+    def import_image(self, name: str, data: bytes) -> dict[str, Any]:
+        params = {"name": name, "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        return self.send_with_data("image.import", params, data)
 
     def call(self, method: str, params: dict[str, Any] | None = None, request_id: int = 1) -> dict[str, Any]:
         message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}

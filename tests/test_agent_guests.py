@@ -1,8 +1,8 @@
 """Guest lifecycle through a real agent, real SQLite, real qemu-img and real QEMU (TCG).
 
 The guest is a boot sector that prints a marker on its serial port: it boots
-in well under a second even under TCG. It is put into the image store
-directly; image.import is a separate piece of the protocol.
+in well under a second even under TCG. It reaches the node's image store the
+way operators' images do, streamed through image.import.
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ from appliance.qemu import PROBE_BOOT_SECTOR, PROBE_MARKER
 DEADLINE = 60.0
 
 
+# A disk of one sector does not boot under SeaBIOS; a megabyte does.
+MARKER_GUEST_DISK = PROBE_BOOT_SECTOR.ljust(1 << 20, b"\0")
+
+
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
-    images = tmp_path / "state" / "images"
-    images.mkdir(parents=True)
-    # A disk of one sector does not boot under SeaBIOS; a megabyte does.
-    (images / "marker-guest").write_bytes(PROBE_BOOT_SECTOR.ljust(1 << 20, b"\0"))
+    importer = AgentProcess(tmp_path / "state")
+    assert "result" in importer.import_image("marker-guest", MARKER_GUEST_DISK)
+    assert importer.close() == 0
     return tmp_path / "state"
 
 

@@ -52,6 +52,12 @@ class GuestSpec:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def images_used(self) -> set[str]:
+        used = {disk.base_image for disk in self.disks if disk.base_image}
+        if self.kernel_boot:
+            used |= {self.kernel_boot.kernel_image, self.kernel_boot.initrd_image} - {""}
+        return used
+
 
 def invalid(message: str, field: str) -> AgentError:
     return AgentError("invalid_params", message, INVALID_PARAMS, {"field": field})

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from appliance.agent import __version__, guests
+from appliance.agent import __version__, guests, images
 from appliance.agent.host import collect_report
 from appliance.agent.model import check_fields, check_int, check_name, parse_guest_spec
 from appliance.agent.protocol import (
@@ -35,6 +35,8 @@ class ServerContext:
         self.build_info_path = build_info_path
         self.host = guests.Host(state_dir=state_dir, accel=accel)
         self._store: Store | None = None
+        # The request stream, for methods whose request line is followed by raw data.
+        self.requests: BinaryIO | None = None
 
     @property
     def store(self) -> Store:
@@ -119,7 +121,48 @@ def guest_console(context: ServerContext, params: dict[str, Any]) -> Any:
     return guests.console_tail(context.host, context.store, name, limit)
 
 
+def image_import(context: ServerContext, params: dict[str, Any]) -> Any:
+    """The request line is followed by exactly size_bytes of raw image data."""
+    assert context.requests is not None
+    try:
+        size = check_int(params, "size_bytes", 0, images.MAX_IMAGE_BYTES)
+    except AgentError as error:
+        # Without a size the data that follows cannot be skipped: end the connection.
+        error.details["close"] = True
+        raise
+    try:
+        check_fields(params, {"name", "size_bytes", "sha256"}, "params")
+        name = check_name(params.get("name"))
+        sha256 = params.get("sha256")
+        if not isinstance(sha256, str) or not images.SHA256_PATTERN.match(sha256):
+            raise AgentError("invalid_params", "sha256 must be 64 lower-case hex digits", INVALID_PARAMS)
+    except AgentError:
+        skip_bytes(context.requests, size)
+        raise
+    return images.receive_image(context.host, context.store, name, size, sha256, context.requests)
+
+
+def skip_bytes(stream: BinaryIO, count: int) -> None:
+    while count > 0:
+        chunk = stream.read(min(images.CHUNK, count))
+        if not chunk:
+            return
+        count -= len(chunk)
+
+
+def image_list(context: ServerContext, params: dict[str, Any]) -> Any:
+    no_params(params)
+    return context.store.images()
+
+
+def image_delete(context: ServerContext, params: dict[str, Any]) -> Any:
+    return images.delete_image(context.host, context.store, guest_name(params))
+
+
 METHODS: dict[str, Method] = {
+    "image.import": image_import,
+    "image.list": image_list,
+    "image.delete": image_delete,
     "agent.hello": agent_hello,
     "host.report": host_report,
     "guest.create": guest_create,
@@ -136,7 +179,8 @@ METHODS: dict[str, Method] = {
 }
 
 
-def handle_line(context: ServerContext, line: bytes) -> bytes:
+def handle_line(context: ServerContext, line: bytes) -> tuple[bytes, bool]:
+    """The reply to one request line, and whether the connection must end after it."""
     request_id: int | str | None = None
     try:
         request = parse_request(line)
@@ -144,18 +188,18 @@ def handle_line(context: ServerContext, line: bytes) -> bytes:
         method = METHODS.get(request.method)
         if method is None:
             raise AgentError("method_not_found", f"unknown method {request.method!r}", METHOD_NOT_FOUND)
-        return result_message(request_id, method(context, request.params))
+        return result_message(request_id, method(context, request.params)), False
     except AgentError as error:
-        return error_message(error.details.get("id", request_id), error)
+        return error_message(error.details.get("id", request_id), error), bool(error.details.get("close"))
     except Exception as error:
         # A bug in one method must not end the operator's connection; the
         # reply names the exception so the cause is not hidden.
-        return error_message(
-            request_id, AgentError("internal_error", f"{type(error).__name__}: {error}", INTERNAL_ERROR)
-        )
+        failure = AgentError("internal_error", f"{type(error).__name__}: {error}", INTERNAL_ERROR)
+        return error_message(request_id, failure), False
 
 
 def serve(context: ServerContext, requests: BinaryIO, replies: BinaryIO) -> None:
+    context.requests = requests
     while True:
         try:
             line = read_line(requests)
@@ -167,5 +211,8 @@ def serve(context: ServerContext, requests: BinaryIO, replies: BinaryIO) -> None
             return
         if not line.strip():
             continue
-        replies.write(handle_line(context, line))
+        reply, close = handle_line(context, line)
+        replies.write(reply)
         replies.flush()
+        if close:
+            return

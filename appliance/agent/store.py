@@ -22,6 +22,12 @@ CREATE TABLE IF NOT EXISTS guests (
     definition TEXT NOT NULL,
     created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS images (
+    name TEXT PRIMARY KEY,
+    size_bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    created REAL NOT NULL
+);
 """
 BUSY_TIMEOUT_SECONDS = 30
 
@@ -73,3 +79,22 @@ class Store:
         with self.transaction() as db:
             if db.execute("DELETE FROM guests WHERE name = ?", (name,)).rowcount == 0:
                 raise AgentError("guest_not_found", f"no guest named {name!r}")
+
+    def add_image(self, name: str, size_bytes: int, sha256: str) -> None:
+        try:
+            with self.transaction() as db:
+                db.execute(
+                    "INSERT INTO images (name, size_bytes, sha256, created) VALUES (?, ?, ?, ?)",
+                    (name, size_bytes, sha256, time.time()),
+                )
+        except sqlite3.IntegrityError as error:
+            raise AgentError("image_exists", f"an image named {name!r} already exists") from error
+
+    def images(self) -> list[dict[str, object]]:
+        rows = self.db.execute("SELECT name, size_bytes, sha256, created FROM images ORDER BY name").fetchall()
+        return [{"name": row[0], "size_bytes": row[1], "sha256": row[2], "created": row[3]} for row in rows]
+
+    def remove_image(self, name: str) -> None:
+        with self.transaction() as db:
+            if db.execute("DELETE FROM images WHERE name = ?", (name,)).rowcount == 0:
+                raise AgentError("image_not_found", f"no image named {name!r}")

@@ -1,0 +1,78 @@
+"""The node's image store: images streamed in through the connection, listed, deleted.
+
+An import writes to a private partial file while hashing; only a complete
+upload with the stated size and sha256 is renamed into place, so a broken or
+mismatched upload leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from appliance.agent.guests import Host
+from appliance.agent.model import check_name
+from appliance.agent.protocol import AgentError
+from appliance.agent.store import Store
+
+CHUNK = 1 << 20
+MAX_IMAGE_BYTES = 1 << 40
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+PARTIAL_PREFIX = ".partial-"
+
+
+def receive_image(host: Host, store: Store, name: str, size: int, sha256: str, stream: BinaryIO) -> dict[str, Any]:
+    """Read exactly `size` bytes of image data from `stream` into the store as `name`."""
+    host.images_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(host.images_dir)
+    target = host.images_dir / check_name(name)
+    partial = host.images_dir / f"{PARTIAL_PREFIX}{os.getpid()}-{name}"
+    digest = hashlib.sha256()
+    received = 0
+    try:
+        with partial.open("wb") as out:
+            while received < size:
+                chunk = stream.read(min(CHUNK, size - received))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                out.write(chunk)
+                received += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if received != size:
+            raise AgentError("upload_incomplete", f"the connection ended after {received} of {size} bytes")
+        if digest.hexdigest() != sha256:
+            raise AgentError("checksum_mismatch", f"sha256 of the upload is {digest.hexdigest()}, not {sha256}")
+        if target.exists():
+            raise AgentError("image_exists", f"an image named {name!r} already exists")
+        store.add_image(name, size, sha256)
+        try:
+            # link, not rename: it fails instead of replacing an image that appeared meanwhile.
+            os.link(partial, target)
+        except FileExistsError as error:
+            store.remove_image(name)
+            raise AgentError("image_exists", f"an image named {name!r} already exists") from error
+    finally:
+        partial.unlink(missing_ok=True)
+    return {"name": name, "size_bytes": size, "sha256": sha256}
+
+
+def remove_stale_partials(images_dir: Path) -> None:
+    """Partial uploads of agents that died mid-upload (their pid is gone)."""
+    for partial in images_dir.glob(f"{PARTIAL_PREFIX}*"):
+        pid = partial.name[len(PARTIAL_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            partial.unlink(missing_ok=True)
+
+
+def delete_image(host: Host, store: Store, name: str) -> dict[str, Any]:
+    users = [spec.name for spec in store.guests() if name in spec.images_used()]
+    if users:
+        raise AgentError("image_in_use", f"image {name!r} is used by guest(s) {', '.join(users)}")
+    store.remove_image(name)
+    (host.images_dir / check_name(name)).unlink(missing_ok=True)
+    return {"name": name, "deleted": True}
