@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     state_dir = args.state_dir or Path(os.environ.get("APPLIANCE_STATE_DIR") or config.state_dir)
     if args.verb == "serve":
         accel = os.environ.get("APPLIANCE_ACCEL") or config.accel
-        serve(ServerContext(state_dir, config.build_info_path, accel), sys.stdin.buffer, sys.stdout.buffer)
+        context = ServerContext(state_dir, config.build_info_path, accel, config.policy)
+        serve(context, sys.stdin.buffer, sys.stdout.buffer)
         return 0
     if args.verb == "report":
         print(json.dumps(collect_report(config.build_info_path).to_json(), indent=2, sort_keys=True))

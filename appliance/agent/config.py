@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from appliance.agent.policy import Policy
 
 DEFAULT_CONFIG_PATH = Path("/etc/appliance/agent.toml")
 
@@ -20,6 +22,7 @@ class AgentConfig:
     ready_marker: str
     # QEMU's -machine accel= for guests: "kvm:tcg" uses KVM where it works.
     accel: str = "kvm:tcg"
+    policy: Policy = field(default_factory=Policy)
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -38,4 +41,20 @@ def load_config(path: Path) -> AgentConfig:
         build_info_path=Path(str(agent.get("build_info", "/etc/appliance/build.json"))),
         ready_marker=str(agent.get("ready_marker", "APPLIANCE-READY")),
         accel=str(agent.get("accel", "kvm:tcg")),
+        policy=read_policy(data.get("policy", {}), path),
     )
+
+
+def read_policy(table: object, path: Path) -> Policy:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [policy] must be a table")
+    defaults = Policy()
+    try:
+        return Policy(
+            reserved_memory_mib=int(table.get("reserved_memory_mib", defaults.reserved_memory_mib)),
+            memory_overcommit=float(table.get("memory_overcommit", defaults.memory_overcommit)),
+            cpu_overcommit=float(table.get("cpu_overcommit", defaults.cpu_overcommit)),
+            max_guests=int(table.get("max_guests", defaults.max_guests)),
+        )
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{path}: [policy]: {error}") from error

@@ -13,11 +13,13 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.agent.host import read_meminfo
 from appliance.agent.model import GuestSpec, check_name
+from appliance.agent.policy import Capacity, Policy, check_create, check_start
 from appliance.agent.protocol import AgentError
 from appliance.agent.qmp import QMPClient, QMPError
 from appliance.agent.store import Store
@@ -53,6 +55,10 @@ class Host:
 
     state_dir: Path
     accel: str = "kvm:tcg"
+    policy: Policy = field(default_factory=Policy)
+
+    def capacity(self) -> Capacity:
+        return Capacity(memory_total_bytes=read_meminfo().get("MemTotal", 0), cpus=os.cpu_count() or 1)
 
     @property
     def guests_dir(self) -> Path:
@@ -80,6 +86,7 @@ def run_tool(argv: list[str]) -> None:
 
 def create_guest(host: Host, store: Store, spec: GuestSpec) -> dict[str, Any]:
     """Disks first, then the row; any failure removes what was made."""
+    check_create(host.policy, host.capacity(), store.guests(), spec)
     paths = host.paths(spec.name)
     try:
         paths.directory.mkdir(parents=True)
@@ -144,6 +151,8 @@ def start_guest(host: Host, store: Store, name: str) -> dict[str, Any]:
     paths = host.paths(name)
     if running_pid(paths) is not None:
         raise AgentError("guest_running", f"guest {name!r} is already running")
+    running = [other for other in store.guests() if running_pid(host.paths(other.name)) is not None]
+    check_start(host.policy, host.capacity(), running, spec)
     paths.qmp_socket.unlink(missing_ok=True)
     paths.console_log.unlink(missing_ok=True)
     started = time.monotonic()
@@ -193,6 +202,17 @@ def stop_guest(host: Host, store: Store, name: str, timeout: float) -> dict[str,
     if forced:
         kill_pid(pid)
     return {"name": name, "forced": forced}
+
+
+def set_memory(host: Host, store: Store, name: str, memory_mib: int) -> dict[str, Any]:
+    """Change what the guest may use through its virtio balloon (up to its defined memory)."""
+    spec = store.guest(name)
+    if memory_mib > spec.memory_mib:
+        raise AgentError("invalid_params", f"{memory_mib} MiB is more than the guest's defined {spec.memory_mib} MiB")
+    with qmp(host, name) as client:
+        client.execute("balloon", {"value": memory_mib * 1024 * 1024})
+        actual = client.execute("query-balloon")["actual"]
+    return {"name": name, "target_mib": memory_mib, "actual_mib": actual // (1024 * 1024)}
 
 
 def kill_pid(pid: int) -> None:

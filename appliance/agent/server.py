@@ -13,6 +13,7 @@ from typing import Any, BinaryIO
 from appliance.agent import __version__, guests, images
 from appliance.agent.host import collect_report
 from appliance.agent.model import check_fields, check_int, check_name, parse_guest_spec
+from appliance.agent.policy import Policy
 from appliance.agent.protocol import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -30,10 +31,12 @@ from appliance.agent.store import Store
 class ServerContext:
     """What one connection's requests share; the store opens on first use."""
 
-    def __init__(self, state_dir: Path, build_info_path: Path, accel: str = "kvm:tcg") -> None:
+    def __init__(
+        self, state_dir: Path, build_info_path: Path, accel: str = "kvm:tcg", policy: Policy | None = None
+    ) -> None:
         self.state_dir = state_dir
         self.build_info_path = build_info_path
-        self.host = guests.Host(state_dir=state_dir, accel=accel)
+        self.host = guests.Host(state_dir=state_dir, accel=accel, policy=policy or Policy())
         self._store: Store | None = None
         # The request stream, for methods whose request line is followed by raw data.
         self.requests: BinaryIO | None = None
@@ -88,6 +91,11 @@ def guest_start(context: ServerContext, params: dict[str, Any]) -> Any:
 def guest_stop(context: ServerContext, params: dict[str, Any]) -> Any:
     name = guest_name(params, {"timeout"})
     return guests.stop_guest(context.host, context.store, name, check_int(params, "timeout", 0, 3600, 60))
+
+
+def guest_set_memory(context: ServerContext, params: dict[str, Any]) -> Any:
+    name = guest_name(params, {"memory_mib"})
+    return guests.set_memory(context.host, context.store, name, check_int(params, "memory_mib", 16, 4 * 1024 * 1024))
 
 
 def guest_kill(context: ServerContext, params: dict[str, Any]) -> Any:
@@ -176,6 +184,7 @@ METHODS: dict[str, Method] = {
     "guest.list": guest_list,
     "guest.info": guest_info,
     "guest.console": guest_console,
+    "guest.set_memory": guest_set_memory,
 }
 
 

@@ -1,0 +1,94 @@
+"""Host policy refusals and the balloon, through a real agent and QEMU (TCG)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from agent_process import AgentProcess
+
+from appliance.agent.host import read_meminfo
+from appliance.qemu import PROBE_BOOT_SECTOR
+
+MIB = 1024 * 1024
+TOTAL_MIB = read_meminfo()["MemTotal"] // MIB
+
+
+def agent_with_policy(tmp_path: Path, policy: str) -> AgentProcess:
+    config = tmp_path / "agent.toml"
+    config.write_text(f"[policy]\n{policy}\n")
+    agent = AgentProcess(tmp_path / "state", config=config)
+    assert "result" in agent.import_image("disk", PROBE_BOOT_SECTOR.ljust(1 << 20, b"\0"))
+    return agent
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[AgentProcess]]:
+    agents: list[AgentProcess] = []
+    yield agents
+    for agent in agents:
+        for guest in agent.result("guest.list"):
+            if guest["state"] != "stopped":
+                agent.call("guest.kill", {"name": guest["name"]})
+        agent.kill()
+
+
+def guest(name: str, memory_mib: int = 32, vcpus: int = 1) -> dict[str, object]:
+    return {"name": name, "memory_mib": memory_mib, "vcpus": vcpus, "disks": [{"base_image": "disk"}]}
+
+
+def test_max_guests_is_enforced_at_create(tmp_path: Path, cleanup: list[AgentProcess]) -> None:
+    agent = agent_with_policy(tmp_path, "max_guests = 2")
+    cleanup.append(agent)
+    agent.result("guest.create", guest("a"))
+    agent.result("guest.create", guest("b"))
+    reply = agent.call("guest.create", guest("c"))
+    assert reply["error"]["data"]["code"] == "policy_max_guests"
+    assert "max_guests 2" in reply["error"]["message"]
+
+
+def test_a_guest_larger_than_the_host_allows_is_refused_with_the_figures(
+    tmp_path: Path, cleanup: list[AgentProcess]
+) -> None:
+    agent = agent_with_policy(tmp_path, "reserved_memory_mib = 512\nmemory_overcommit = 1.0")
+    cleanup.append(agent)
+    reply = agent.call("guest.create", guest("huge", memory_mib=TOTAL_MIB))
+    assert reply["error"]["data"]["code"] == "policy_memory"
+    message = reply["error"]["message"]
+    assert f"{TOTAL_MIB} MiB total" in message and "512 MiB reserved" in message
+    assert agent.result("guest.list") == []
+
+
+def test_start_is_refused_when_running_guests_use_the_memory(tmp_path: Path, cleanup: list[AgentProcess]) -> None:
+    # Leave room for exactly one 64 MiB guest.
+    agent = agent_with_policy(tmp_path, f"reserved_memory_mib = {TOTAL_MIB - 100}")
+    cleanup.append(agent)
+    agent.result("guest.create", guest("first", memory_mib=64))
+    agent.result("guest.create", guest("second", memory_mib=64))
+    agent.result("guest.start", {"name": "first"})
+    reply = agent.call("guest.start", {"name": "second"})
+    assert reply["error"]["data"]["code"] == "policy_memory"
+    assert "64 MiB" in reply["error"]["message"] and "100 MiB" in reply["error"]["message"]
+    assert agent.result("guest.info", {"name": "second"})["state"] == "stopped"
+
+
+def test_start_is_refused_past_the_vcpu_overcommit(tmp_path: Path, cleanup: list[AgentProcess]) -> None:
+    agent = agent_with_policy(tmp_path, "cpu_overcommit = 0.5")
+    cleanup.append(agent)
+    agent.result("guest.create", guest("wide", vcpus=8))
+    reply = agent.call("guest.start", {"name": "wide"})
+    assert reply["error"]["data"]["code"] == "policy_cpu"
+    assert "8 vCPUs" in reply["error"]["message"]
+
+
+def test_balloon_change_is_visible_in_qmp(tmp_path: Path, cleanup: list[AgentProcess]) -> None:
+    agent = agent_with_policy(tmp_path, "")
+    cleanup.append(agent)
+    agent.result("guest.create", guest("b", memory_mib=128))
+    agent.result("guest.start", {"name": "b"})
+    # The boot-sector guest has no balloon driver, so the target is set but not reached:
+    # QMP reports the request accepted and the actual size unchanged.
+    result = agent.result("guest.set_memory", {"name": "b", "memory_mib": 64})
+    assert result["target_mib"] == 64 and result["actual_mib"] == 128
+    assert agent.error_code("guest.set_memory", {"name": "b", "memory_mib": 256}) == "invalid_params"
