@@ -92,3 +92,18 @@ def test_balloon_change_is_visible_in_qmp(tmp_path: Path, cleanup: list[AgentPro
     result = agent.result("guest.set_memory", {"name": "b", "memory_mib": 64})
     assert result["target_mib"] == 64 and result["actual_mib"] == 128
     assert agent.error_code("guest.set_memory", {"name": "b", "memory_mib": 256}) == "invalid_params"
+
+
+def test_host_report_counts_guests_and_what_they_hold(tmp_path: Path, cleanup: list[AgentProcess]) -> None:
+    agent = agent_with_policy(tmp_path, "reserved_memory_mib = 256")
+    cleanup.append(agent)
+    agent.result("guest.create", guest("up", memory_mib=48))
+    agent.result("guest.create", guest("down", memory_mib=32))
+    agent.result("guest.start", {"name": "up"})
+    report = agent.result("host.report")
+    assert report["guests_by_state"] == {"running": 1, "stopped": 1}
+    assert report["memory_allocated_to_guests_bytes"] == 48 * MIB
+    assert report["memory_reserved_for_host_bytes"] == 256 * MIB
+    assert report["accelerator"] == "tcg"  # the test agent runs guests with APPLIANCE_ACCEL=tcg
+    assert 0 < report["storage_free_bytes"] <= report["storage_total_bytes"]
+    assert len(report["load"]) == 3

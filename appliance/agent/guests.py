@@ -13,7 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +257,30 @@ def guest_info(host: Host, store: Store, name: str) -> dict[str, Any]:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         info["cpu_seconds"] = (int(fields[11]) + int(fields[12])) / ticks
     return info
+
+
+def resources_report(host: Host, store: Store, kvm_usable: bool) -> dict[str, Any]:
+    """What guests hold of this node, for host.report."""
+    counts: dict[str, int] = {}
+    allocated_mib = 0
+    for spec in store.guests():
+        state, _ = guest_state(host, spec.name)
+        counts[state] = counts.get(state, 0) + 1
+        if state != "stopped":
+            allocated_mib += spec.memory_mib
+    host.state_dir.mkdir(parents=True, exist_ok=True)
+    disk = os.statvfs(host.state_dir)
+    accelerator = "kvm" if kvm_usable and host.accel.startswith("kvm") else "tcg"
+    return {
+        "accelerator": accelerator,
+        "memory_reserved_for_host_bytes": host.policy.reserved_memory_mib * 1024 * 1024,
+        "memory_allocated_to_guests_bytes": allocated_mib * 1024 * 1024,
+        "storage_total_bytes": disk.f_blocks * disk.f_frsize,
+        "storage_free_bytes": disk.f_bavail * disk.f_frsize,
+        "guests_by_state": counts,
+        "load": list(os.getloadavg()),
+        "policy": asdict(host.policy),
+    }
 
 
 def list_guests(host: Host, store: Store) -> list[dict[str, Any]]:

@@ -65,7 +65,8 @@ def agent_hello(context: ServerContext, params: dict[str, Any]) -> dict[str, Any
 
 def host_report(context: ServerContext, params: dict[str, Any]) -> dict[str, object]:
     no_params(params)
-    return collect_report(context.build_info_path).to_json()
+    report = collect_report(context.build_info_path)
+    return {**report.to_json(), **guests.resources_report(context.host, context.store, report.kvm.usable)}
 
 
 def guest_name(params: dict[str, Any], extra: set[str] | None = None) -> str:
