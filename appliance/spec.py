@@ -90,6 +90,16 @@ class Mirrors:
 
 
 @dataclass(frozen=True)
+class HostPolicy:
+    """What the node keeps for itself and how far guests may overcommit it."""
+
+    reserved_memory_mib: int = 1024
+    memory_overcommit: float = 1.0
+    cpu_overcommit: float = 4.0
+    max_guests: int = 64
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str = "appliance"
     release: str = DEFAULT_RELEASE
@@ -101,6 +111,7 @@ class Spec:
     console: Console = field(default_factory=Console)
     ssh: Ssh = field(default_factory=Ssh)
     mirrors: Mirrors = field(default_factory=Mirrors)
+    policy: HostPolicy = field(default_factory=HostPolicy)
 
     def with_extra_keys(self, keys: tuple[str, ...]) -> Spec:
         """This spec with operator keys added on top of its own (duplicates dropped)."""
@@ -220,6 +231,7 @@ class _Reader:
                 "console",
                 "ssh",
                 "mirrors",
+                "policy",
             ),
         )
         name = self.string(
@@ -276,6 +288,7 @@ class _Reader:
             console=self.console(self.table(data, "console")),
             ssh=self.ssh(self.table(data, "ssh")),
             mirrors=self.mirrors(self.table(data, "mirrors")),
+            policy=self.policy(self.table(data, "policy")),
         )
 
     def outputs(self, data: dict[str, Any]) -> tuple[Output, ...]:
@@ -352,6 +365,31 @@ class _Reader:
             security=self.string(
                 table, "security", "", re.compile(f"^$|{MIRROR_PATTERN.pattern}"), allowed, "mirrors.security"
             ),
+        )
+
+    def number(self, table: dict[str, Any], key: str, default: float, low: float, high: float, whole: bool) -> float:
+        value = table.get(key, default)
+        allowed = f"a {'whole number' if whole else 'number'} from {low:g} to {high:g}"
+        if isinstance(value, bool) or not isinstance(value, int | float) or (whole and not isinstance(value, int)):
+            self.problem(f"policy.{key}", value, allowed)
+            return default
+        if not low <= value <= high:
+            self.problem(f"policy.{key}", value, allowed)
+            return default
+        return value
+
+    def policy(self, table: dict[str, Any]) -> HostPolicy:
+        defaults = HostPolicy()
+        self.unknown_keys(
+            table, "policy.", ("reserved_memory_mib", "memory_overcommit", "cpu_overcommit", "max_guests")
+        )
+        return HostPolicy(
+            reserved_memory_mib=int(
+                self.number(table, "reserved_memory_mib", defaults.reserved_memory_mib, 0, 1 << 22, True)
+            ),
+            memory_overcommit=self.number(table, "memory_overcommit", defaults.memory_overcommit, 0.1, 10, False),
+            cpu_overcommit=self.number(table, "cpu_overcommit", defaults.cpu_overcommit, 0.1, 64, False),
+            max_guests=int(self.number(table, "max_guests", defaults.max_guests, 1, 4096, True)),
         )
 
 

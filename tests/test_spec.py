@@ -32,6 +32,7 @@ def test_default_spec_text_parses_and_documents_every_top_level_key() -> None:
         "[console]",
         "[ssh]",
         "[mirrors]",
+        "[policy]",
     ):
         assert key in text
 
@@ -99,6 +100,18 @@ def test_good_spec_is_read_into_typed_values(public_key: str) -> None:
         ('[ssh]\nauthorized_keys = ["not a key"]', "ssh.authorized_keys[0]"),
         ('[mirrors]\ndebian = "ftp://x"', "mirrors.debian"),
         ('[mirrors]\nsecurity = "http://a b"', "mirrors.security"),
+        ("[policy]\nreserved_memory_mib = -1", "policy.reserved_memory_mib"),
+        ("[policy]\nreserved_memory_mib = 1.5", "policy.reserved_memory_mib"),
+        ("[policy]\nmemory_overcommit = 0", "policy.memory_overcommit"),
+        ('[policy]\ncpu_overcommit = "lots"', "policy.cpu_overcommit"),
+        ("[policy]\nmax_guests = 0", "policy.max_guests"),
+        ("[policy]\nguests = 3", "policy.guests"),
+        ("[policy]\nreserved_memory_mib = -1", "policy.reserved_memory_mib"),
+        ("[policy]\nreserved_memory_mib = 1.5", "policy.reserved_memory_mib"),
+        ("[policy]\nmemory_overcommit = 0", "policy.memory_overcommit"),
+        ('[policy]\ncpu_overcommit = "lots"', "policy.cpu_overcommit"),
+        ("[policy]\nmax_guests = 0", "policy.max_guests"),
+        ("[policy]\nguests = 3", "policy.guests"),
     ],
 )
 def test_bad_value_is_named_with_its_key(text: str, key: str) -> None:
