@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.agent.processes import live_pid
+
 QEMU = "qemu-system-x86_64"
 PROBE_MARKER = b"KVMOK"
 PROBE_SECONDS = 5.0
@@ -43,48 +45,46 @@ class AccelChoice:
         return "host" if self.accel == "kvm" else "max"
 
 
-def probe_accel(qemu: str = QEMU, kvm_device: Path = Path("/dev/kvm")) -> AccelChoice:
-    """KVM if a probe guest prints its marker under it within a few seconds, else TCG."""
-    if not os.access(kvm_device, os.R_OK | os.W_OK):
-        return AccelChoice("tcg", f"{kvm_device} is missing or not accessible")
-    with tempfile.TemporaryDirectory(prefix="appliance-kvm-probe-") as tmp:
+@dataclass(frozen=True)
+class ProbeResult:
+    ran: bool
+    detail: str
+
+
+def run_probe_guest(accel: str, cpu: str, timeout: float, qemu: str = QEMU) -> ProbeResult:
+    """Boot PROBE_BOOT_SECTOR under `accel` and say whether it printed its marker in time."""
+    with tempfile.TemporaryDirectory(prefix="appliance-probe-") as tmp:
         disk, serial = Path(tmp) / "probe.img", Path(tmp) / "serial.log"
         disk.write_bytes(PROBE_BOOT_SECTOR)
-        argv = [
-            qemu,
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host",
-            "-m",
-            "16",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-drive",
-            f"file={disk},format=raw,if=floppy",
-            "-serial",
-            f"file:{serial}",
-        ]
+        argv = [qemu, "-accel", accel, "-cpu", cpu, "-m", "16", "-nodefaults", "-display", "none", "-no-reboot",
+                "-drive", f"file={disk},format=raw,if=floppy", "-serial", f"file:{serial}"]  # fmt: skip
         try:
             process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
             )
         except OSError as error:
             raise QemuError(f"cannot start {qemu}: {error.strerror} (run `make deps`)") from error
-        deadline = time.monotonic() + PROBE_SECONDS
+        deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline and process.poll() is None:
                 if serial.exists() and PROBE_MARKER in serial.read_bytes():
-                    return AccelChoice("kvm", "a probe guest ran under KVM")
+                    return ProbeResult(True, f"a probe guest ran under {accel}")
                 time.sleep(0.05)
         finally:
             process.kill()
             _, stderr = process.communicate()
-        detail = stderr.decode(errors="replace").strip().splitlines()
-        why = detail[0] if detail else f"no output from the probe guest within {PROBE_SECONDS:.0f}s"
-        return AccelChoice("tcg", f"KVM cannot run guests here ({why})")
+        lines = stderr.decode(errors="replace").strip().splitlines()
+        return ProbeResult(False, lines[0] if lines else f"no output from the probe guest within {timeout:.0f}s")
+
+
+def probe_accel(qemu: str = QEMU, kvm_device: Path = Path("/dev/kvm")) -> AccelChoice:
+    """KVM if a probe guest prints its marker under it within a few seconds, else TCG."""
+    if not os.access(kvm_device, os.R_OK | os.W_OK):
+        return AccelChoice("tcg", f"{kvm_device} is missing or not accessible")
+    probe = run_probe_guest("kvm", "host", PROBE_SECONDS, qemu)
+    if probe.ran:
+        return AccelChoice("kvm", probe.detail)
+    return AccelChoice("tcg", f"KVM cannot run guests here ({probe.detail})")
 
 
 def free_local_port() -> int:
@@ -241,14 +241,9 @@ def start_vm(config: BootConfig, paths: VmPaths) -> RunningVm:
 
 def stop_recorded_vm(paths: VmPaths) -> bool:
     """Stop the QEMU recorded in DIR/run/qemu.pid; False when none was running."""
-    try:
-        pid = int(paths.pid_file.read_text().strip())
-        command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        paths.pid_file.unlink(missing_ok=True)
-        return False
-    # A stale pid file may name a process that reused the pid: only stop our QEMU.
-    if QEMU.encode() not in command_line or str(paths.pid_file).encode() not in command_line:
+    # Only our QEMU: a stale pid file may name a process that reused the pid.
+    pid = live_pid(paths.pid_file, QEMU, str(paths.pid_file))
+    if pid is None:
         paths.pid_file.unlink(missing_ok=True)
         return False
     try:

@@ -18,6 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from appliance.agent.policy import Policy
+
 RELEASES = ("trixie", "bookworm", "forky")
 DEFAULT_RELEASE = "trixie"
 SSH_KEY_TYPES = (
@@ -90,16 +92,6 @@ class Mirrors:
 
 
 @dataclass(frozen=True)
-class HostPolicy:
-    """What the node keeps for itself and how far guests may overcommit it."""
-
-    reserved_memory_mib: int = 1024
-    memory_overcommit: float = 1.0
-    cpu_overcommit: float = 4.0
-    max_guests: int = 64
-
-
-@dataclass(frozen=True)
 class Spec:
     name: str = "appliance"
     release: str = DEFAULT_RELEASE
@@ -111,7 +103,7 @@ class Spec:
     console: Console = field(default_factory=Console)
     ssh: Ssh = field(default_factory=Ssh)
     mirrors: Mirrors = field(default_factory=Mirrors)
-    policy: HostPolicy = field(default_factory=HostPolicy)
+    policy: Policy = field(default_factory=Policy)
 
     def with_extra_keys(self, keys: tuple[str, ...]) -> Spec:
         """This spec with operator keys added on top of its own (duplicates dropped)."""
@@ -378,12 +370,12 @@ class _Reader:
             return default
         return value
 
-    def policy(self, table: dict[str, Any]) -> HostPolicy:
-        defaults = HostPolicy()
+    def policy(self, table: dict[str, Any]) -> Policy:
+        defaults = Policy()
         self.unknown_keys(
             table, "policy.", ("reserved_memory_mib", "memory_overcommit", "cpu_overcommit", "max_guests")
         )
-        return HostPolicy(
+        return Policy(
             reserved_memory_mib=int(
                 self.number(table, "reserved_memory_mib", defaults.reserved_memory_mib, 0, 1 << 22, True)
             ),

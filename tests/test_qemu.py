@@ -1,52 +1,22 @@
 from __future__ import annotations
 
-import subprocess
-import time
 from pathlib import Path
 
 from appliance.qemu import (
     PROBE_BOOT_SECTOR,
-    PROBE_MARKER,
-    QEMU,
     AccelChoice,
     BootConfig,
     VmPaths,
     probe_accel,
     qemu_argv,
+    run_probe_guest,
 )
 
 
-def test_probe_boot_sector_prints_its_marker_under_tcg(tmp_path: Path) -> None:
+def test_probe_boot_sector_prints_its_marker_under_tcg() -> None:
     """The KVM probe is only as good as its guest: it must really print under QEMU."""
     assert len(PROBE_BOOT_SECTOR) == 512 and PROBE_BOOT_SECTOR.endswith(b"\x55\xaa")
-    disk, serial = tmp_path / "probe.img", tmp_path / "serial.log"
-    disk.write_bytes(PROBE_BOOT_SECTOR)
-    process = subprocess.Popen(
-        [
-            QEMU,
-            "-accel",
-            "tcg",
-            "-m",
-            "16",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-drive",
-            f"file={disk},format=raw,if=floppy",
-            "-serial",
-            f"file:{serial}",
-        ],
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not (serial.exists() and PROBE_MARKER in serial.read_bytes()):
-            assert process.poll() is None, "QEMU exited before the probe printed"
-            time.sleep(0.05)
-        assert PROBE_MARKER in serial.read_bytes()
-    finally:
-        process.kill()
-        process.wait()
+    assert run_probe_guest("tcg", "max", timeout=30).ran
 
 
 def test_probe_without_kvm_device_chooses_tcg_and_says_why(tmp_path: Path) -> None:

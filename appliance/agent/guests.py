@@ -20,6 +20,7 @@ from typing import Any
 from appliance.agent.host import read_meminfo
 from appliance.agent.model import GuestSpec, check_name
 from appliance.agent.policy import Capacity, Policy, check_create, check_start
+from appliance.agent.processes import live_pid
 from appliance.agent.protocol import AgentError
 from appliance.agent.qmp import QMPClient, QMPError
 from appliance.agent.store import Store
@@ -113,12 +114,7 @@ def create_guest(host: Host, store: Store, spec: GuestSpec) -> dict[str, Any]:
 
 def running_pid(paths: GuestPaths) -> int | None:
     """The pid of this guest's QEMU if it is alive (and really is QEMU)."""
-    try:
-        pid = int(paths.pid_file.read_text().strip())
-        command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return None
-    return pid if QEMU.encode() in command_line else None
+    return live_pid(paths.pid_file, QEMU, str(paths.pid_file))
 
 
 def qemu_argv(host: Host, spec: GuestSpec, paths: GuestPaths) -> list[str]:
