@@ -1,0 +1,211 @@
+"""The operator side: talk to a node's agent over SSH (paramiko), one channel, many requests.
+
+The node's key forces `appliance-agent serve`, so the channel speaks the
+agent's JSON-RPC lines. Host keys are checked against a project known_hosts
+file: a new host is recorded on first contact unless strict; a changed key is
+always refused, naming both fingerprints.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import json
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+AGENT_COMMAND = "appliance-agent serve"
+DEFAULT_KNOWN_HOSTS = Path.home() / ".config" / "appliance" / "known_hosts"
+
+
+class NodeError(Exception):
+    """Base of every failure talking to a node."""
+
+
+class AuthenticationError(NodeError):
+    """The node refused our key."""
+
+
+class HostKeyError(NodeError):
+    """The node's host key is unknown (strict mode) or differs from the one recorded."""
+
+
+class NodeTimeoutError(NodeError):
+    """No answer within the timeout."""
+
+
+class ConnectionLostError(NodeError):
+    """The connection could not be made or broke while in use."""
+
+
+class AgentCallError(NodeError):
+    """The agent answered with an error; `code` is its stable name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class NodeAddress:
+    host: str
+    port: int = 22
+    user: str = "appliance"
+
+    @property
+    def known_hosts_name(self) -> str:
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+
+DEFAULT_SSH_CONFIG = Path.home() / ".ssh" / "config"
+
+
+def parse_address(text: str, ssh_config: Path = DEFAULT_SSH_CONFIG) -> NodeAddress:
+    """`[user@]host[:port]`, where host may be an alias from ~/.ssh/config."""
+    user, _, rest = text.rpartition("@")
+    host, _, port_text = rest.partition(":")
+    if not host or (port_text and not port_text.isdigit()):
+        raise NodeError(f"not a node address: {text!r} (expected [user@]host[:port])")
+    resolved_host, resolved_port, resolved_user = host, 22, "appliance"
+    if ssh_config.is_file():
+        entry = paramiko.SSHConfig.from_path(str(ssh_config)).lookup(host)
+        resolved_host = entry.get("hostname", host)
+        resolved_port = int(entry.get("port", 22))
+        resolved_user = entry.get("user", resolved_user)
+    return NodeAddress(
+        host=resolved_host,
+        port=int(port_text) if port_text else resolved_port,
+        user=user or resolved_user,
+    )
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's SHA256 fingerprint of a public key."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+class Node:
+    def __init__(
+        self,
+        address: NodeAddress,
+        key_path: Path,
+        known_hosts: Path = DEFAULT_KNOWN_HOSTS,
+        strict: bool = False,
+        timeout: float = 30.0,
+    ) -> None:
+        self.address = address
+        self.key_path = key_path
+        self.known_hosts = known_hosts
+        self.strict = strict
+        self.timeout = timeout
+        self._transport: paramiko.Transport | None = None
+        self._channel: paramiko.Channel | None = None
+        self._buffer = b""
+        self._ids = itertools.count(1)
+
+    def __enter__(self) -> Node:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        try:
+            sock = socket.create_connection((self.address.host, self.address.port), timeout=self.timeout)
+        except OSError as error:
+            raise ConnectionLostError(f"cannot reach {self.address.host}:{self.address.port}: {error}") from error
+        transport = paramiko.Transport(sock)
+        try:
+            transport.start_client(timeout=self.timeout)
+            self._check_host_key(transport.get_remote_server_key())
+            key = paramiko.PKey.from_path(self.key_path)
+            try:
+                transport.auth_publickey(self.address.user, key)
+            except paramiko.AuthenticationException as error:
+                raise AuthenticationError(
+                    f"{self.address.user}@{self.address.host} refused key {self.key_path}"
+                ) from error
+            channel = transport.open_session(timeout=self.timeout)
+            channel.settimeout(self.timeout)
+            channel.exec_command(AGENT_COMMAND)
+        except NodeError:
+            transport.close()
+            raise
+        except (paramiko.SSHException, OSError) as error:
+            transport.close()
+            raise ConnectionLostError(f"SSH to {self.address.host}:{self.address.port} failed: {error}") from error
+        self._transport, self._channel = transport, channel
+
+    def _check_host_key(self, key: paramiko.PKey) -> None:
+        known = paramiko.HostKeys()
+        if self.known_hosts.exists():
+            known.load(str(self.known_hosts))
+        name = self.address.known_hosts_name
+        recorded = known.lookup(name)
+        if recorded is None:
+            if self.strict:
+                raise HostKeyError(f"{name} is not in {self.known_hosts} (strict): its key is {fingerprint(key)}")
+            self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+            known.add(name, key.get_name(), key)
+            known.save(str(self.known_hosts))
+            return
+        expected = recorded.get(key.get_name())
+        if expected is None or expected.asbytes() != key.asbytes():
+            was = fingerprint(expected) if expected else ", ".join(fingerprint(k) for k in recorded.values())
+            raise HostKeyError(
+                f"host key of {name} changed: recorded {was}, presented {fingerprint(key)} "
+                f"(remove the line from {self.known_hosts} if the node was reinstalled)"
+            )
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+        self._transport = self._channel = None
+
+    def call(self, method: str, params: dict[str, Any] | None = None, *, idempotent: bool = False) -> Any:
+        """One request on the open channel. Idempotent reads are retried once on a lost connection."""
+        try:
+            return self._call_once(method, params)
+        except ConnectionLostError:
+            if not idempotent:
+                raise
+            self.close()
+            self.connect()
+            return self._call_once(method, params)
+
+    def _call_once(self, method: str, params: dict[str, Any] | None) -> Any:
+        if self._channel is None:
+            self.connect()
+        assert self._channel is not None
+        request_id = next(self._ids)
+        message = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}
+        try:
+            self._channel.sendall(json.dumps(message).encode() + b"\n")
+            reply = json.loads(self._read_line())
+        except TimeoutError as error:
+            raise NodeTimeoutError(f"{method}: no answer within {self.timeout:.0f}s") from error
+        except (OSError, paramiko.SSHException, EOFError) as error:
+            self.close()
+            raise ConnectionLostError(f"{method}: connection to {self.address.host} lost: {error}") from error
+        if "error" in reply:
+            failure = reply["error"]
+            raise AgentCallError(str(failure.get("data", {}).get("code", "unknown")), str(failure.get("message", "")))
+        return reply["result"]
+
+    def _read_line(self) -> bytes:
+        assert self._channel is not None
+        while b"\n" not in self._buffer:
+            chunk = self._channel.recv(65536)
+            if not chunk:
+                raise EOFError("the agent closed the channel")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line

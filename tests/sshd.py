@@ -1,0 +1,68 @@
+"""A real OpenSSH sshd on 127.0.0.1 for tests: throwaway config and host key, forced agent command."""
+
+from __future__ import annotations
+
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import make_key
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class Sshd:
+    """sshd -D on a free port; operator keys forced to this repository's agent."""
+
+    def __init__(self, directory: Path, operator_public_key: str, state_dir: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+        self.directory = directory
+        self.port = free_port()
+        self.host_key = make_key(directory, "host_key")
+        agent = (
+            f"cd {shlex.quote(str(REPO))} && exec {shlex.quote(sys.executable)} -m appliance.agent "
+            f"--config /nonexistent --state-dir {shlex.quote(str(state_dir))} serve"
+        )
+        escaped = agent.replace("\\", "\\\\").replace('"', '\\"')
+        (directory / "authorized_keys").write_text(f'restrict,command="{escaped}" {operator_public_key}\n')
+        self.config = directory / "sshd_config"
+        self.config.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.host_key}\nPidFile {directory / 'sshd.pid'}\n"
+            f"AuthorizedKeysFile {directory / 'authorized_keys'}\nPermitRootLogin forced-commands-only\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+            "AllowTcpForwarding no\nX11Forwarding no\nPermitTunnel no\nAllowAgentForwarding no\n"
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["/usr/sbin/sshd", "-D", "-e", "-f", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=(self.directory / "sshd.log").open("wb"),
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.process.poll() is None, (self.directory / "sshd.log").read_text()
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "sshd did not listen in time"
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None

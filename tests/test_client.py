@@ -1,0 +1,116 @@
+"""appliance.client against a real OpenSSH sshd on 127.0.0.1 with the agent forced."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+from conftest import make_key
+from sshd import Sshd
+
+from appliance.client import (
+    AgentCallError,
+    AuthenticationError,
+    HostKeyError,
+    Node,
+    NodeAddress,
+    fingerprint,
+    parse_address,
+)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_key(tmp_path_factory.mktemp("client-keys"))
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory, keys: Path) -> Iterator[Sshd]:
+    directory = tmp_path_factory.mktemp("sshd")
+    server = Sshd(directory, keys.with_suffix(".pub").read_text().strip(), directory / "state")
+    server.start()
+    yield server
+    server.stop()
+
+
+def node_for(sshd: Sshd, key: Path, known_hosts: Path, strict: bool = False) -> Node:
+    return Node(NodeAddress("127.0.0.1", sshd.port, "root"), key, known_hosts=known_hosts, strict=strict, timeout=30)
+
+
+def test_many_requests_on_one_channel(sshd: Sshd, keys: Path, tmp_path: Path) -> None:
+    with node_for(sshd, keys, tmp_path / "known_hosts") as node:
+        assert node.call("agent.hello")["protocol"] == 1
+        for _ in range(10):
+            assert node.call("host.report", idempotent=True)["cpus"] >= 1
+        with pytest.raises(AgentCallError) as caught:
+            node.call("guest.info", {"name": "ghost"})
+        assert caught.value.code == "guest_not_found"
+        assert node.call("guest.list") == []
+    assert "127.0.0.1" in (tmp_path / "known_hosts").read_text()
+
+
+def test_a_wrong_key_is_refused(sshd: Sshd, tmp_path: Path) -> None:
+    stranger = make_key(tmp_path, "stranger")
+    with pytest.raises(AuthenticationError):
+        node_for(sshd, stranger, tmp_path / "known_hosts").connect()
+
+
+def test_a_changed_host_key_is_refused_naming_both_fingerprints(sshd: Sshd, keys: Path, tmp_path: Path) -> None:
+    known_hosts = tmp_path / "known_hosts"
+    impostor = paramiko.PKey.from_path(make_key(tmp_path, "impostor"))
+    recorded = paramiko.HostKeys()
+    recorded.add(f"[127.0.0.1]:{sshd.port}", impostor.get_name(), impostor)
+    recorded.save(str(known_hosts))
+    real = paramiko.PKey.from_path(sshd.host_key)
+    with pytest.raises(HostKeyError) as caught:
+        node_for(sshd, keys, known_hosts).connect()
+    assert fingerprint(impostor) in str(caught.value) and fingerprint(real) in str(caught.value)
+
+
+def test_strict_mode_refuses_an_unknown_host(sshd: Sshd, keys: Path, tmp_path: Path) -> None:
+    with pytest.raises(HostKeyError, match="strict"):
+        node_for(sshd, keys, tmp_path / "known_hosts", strict=True).connect()
+    assert not (tmp_path / "known_hosts").exists()
+
+
+def raw_transport(sshd: Sshd, keys: Path) -> paramiko.Transport:
+    transport = paramiko.Transport(("127.0.0.1", sshd.port))
+    transport.connect(pkey=paramiko.PKey.from_path(keys), username="root")
+    return transport
+
+
+def test_the_agent_key_gets_no_shell_no_other_command_no_pty_no_forwarding(sshd: Sshd, keys: Path) -> None:
+    transport = raw_transport(sshd, keys)
+    try:
+        # Another command: the forced agent runs instead, and sees no request.
+        channel = transport.open_session()
+        channel.exec_command("echo escaped; id")
+        channel.shutdown_write()
+        output = channel.makefile("rb").read()
+        assert b"escaped" not in output and b"uid=" not in output
+        # A pty is refused (restrict).
+        channel = transport.open_session()
+        with pytest.raises(paramiko.SSHException):
+            channel.get_pty()
+        # A shell request also runs the agent, which answers requests, not shell commands.
+        channel = transport.open_session()
+        channel.invoke_shell()
+        channel.sendall(b"echo escaped\n")
+        reply = channel.makefile("rb").readline()
+        assert b'"parse_error"' in reply and reply != b"escaped\n"
+        # Port forwarding is refused.
+        with pytest.raises(paramiko.ChannelException):
+            transport.open_channel("direct-tcpip", ("127.0.0.1", sshd.port), ("127.0.0.1", 0))
+    finally:
+        transport.close()
+
+
+def test_addresses_parse_user_host_and_port(tmp_path: Path) -> None:
+    config = tmp_path / "ssh_config"
+    config.write_text("Host lab1\n  HostName 10.0.0.5\n  Port 2200\n  User ops\n")
+    assert parse_address("ops@node7:2222", config) == NodeAddress("node7", 2222, "ops")
+    assert parse_address("node7", config) == NodeAddress("node7", 22, "appliance")
+    assert parse_address("lab1", config) == NodeAddress("10.0.0.5", 2200, "ops")
+    assert parse_address("root@lab1:2300", config) == NodeAddress("10.0.0.5", 2300, "root")
