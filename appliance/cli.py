@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from appliance import __version__
 from appliance.boot import BootRequest, boot
 from appliance.build import MissingToolsError, build, read_key_files
+from appliance.client import DEFAULT_KNOWN_HOSTS, Node, NodeError, parse_address
 from appliance.dib import DEFAULT_CACHE_DIR, BuildError
 from appliance.pack.budget import BudgetError
 from appliance.pack.live import PackError
@@ -18,6 +20,7 @@ from appliance.run import CommandError
 from appliance.spec import SpecError, default_spec_text, load_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_KEY = Path.home() / ".ssh" / "id_ed25519"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -101,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     boot_cmd.add_argument("--memory", type=int, default=2048, metavar="MB", help="guest memory (default: %(default)s)")
     boot_cmd.add_argument("--cpus", type=int, default=2, help="guest vCPUs (default: %(default)s)")
 
+    add_node_verbs(verbs)
+
     stop = verbs.add_parser(
         "stop",
         formatter_class=HelpFormatter,
@@ -109,6 +114,116 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stop.add_argument("dir", type=Path, help="build directory")
     return parser
+
+
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("host", metavar="HOST", help="[user@]host[:port] or an alias from ~/.ssh/config")
+    parser.add_argument("--key", type=Path, default=DEFAULT_KEY, help="operator private key (default: %(default)s)")
+    parser.add_argument("--known-hosts", type=Path, default=DEFAULT_KNOWN_HOSTS, help="default: %(default)s")
+    parser.add_argument("--strict", action="store_true", help="refuse hosts not yet in the known_hosts file")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print the agent's answer as JSON")
+
+
+GUEST_VERBS = ("start", "stop", "kill", "reboot", "pause", "resume", "info", "console")
+
+
+def add_node_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    node = verbs.add_parser(
+        "node",
+        formatter_class=HelpFormatter,
+        help="ask a node's agent about the node",
+        epilog="example:\n  appliance node report appliance@10.0.0.5",
+    )
+    node_verbs = node.add_subparsers(dest="node_verb", required=True, metavar="VERB")
+    add_connection_options(node_verbs.add_parser("report", help="the node's host report"))
+
+    guest = verbs.add_parser(
+        "guest",
+        formatter_class=HelpFormatter,
+        help="manage guests on a node",
+        epilog="example:\n  appliance guest create node1 web --memory 1024 --disk-size 10\n"
+        "  appliance guest start node1 web\n  appliance guest list node1",
+    )
+    guest_verbs = guest.add_subparsers(dest="guest_verb", required=True, metavar="VERB")
+    add_connection_options(guest_verbs.add_parser("list", help="every guest and its state"))
+    for verb in GUEST_VERBS:
+        parser = guest_verbs.add_parser(verb, help=f"{verb} a guest")
+        add_connection_options(parser)
+        parser.add_argument("name")
+    delete = guest_verbs.add_parser("delete", help="delete a guest (its disks are kept aside unless --remove-disks)")
+    add_connection_options(delete)
+    delete.add_argument("name")
+    delete.add_argument("--force", action="store_true", help="kill it first if it is running")
+    delete.add_argument("--remove-disks", action="store_true", help="remove its disks too")
+    create = guest_verbs.add_parser("create", help="define a guest and make its disk")
+    add_connection_options(create)
+    create.add_argument("name")
+    create.add_argument("--memory", type=int, required=True, metavar="MIB")
+    create.add_argument("--vcpus", type=int, default=1)
+    disk = create.add_mutually_exclusive_group()
+    disk.add_argument("--disk-size", type=int, metavar="GIB", help="a blank disk of this size")
+    disk.add_argument("--base-image", metavar="IMAGE", help="a copy-on-write disk over an image on the node")
+    create.add_argument("--autostart", action="store_true")
+
+
+def agent_request(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
+    """The agent method and params a node/guest verb stands for."""
+    if args.verb == "node":
+        return "host.report", {}
+    if args.guest_verb == "list":
+        return "guest.list", {}
+    if args.guest_verb == "delete":
+        return "guest.delete", {"name": args.name, "force": args.force, "remove_disks": args.remove_disks}
+    if args.guest_verb == "create":
+        params: dict[str, object] = {
+            "name": args.name,
+            "memory_mib": args.memory,
+            "vcpus": args.vcpus,
+            "autostart": args.autostart,
+        }
+        if args.disk_size:
+            params["disks"] = [{"size_gib": args.disk_size}]
+        elif args.base_image:
+            params["disks"] = [{"base_image": args.base_image}]
+        return "guest.create", params
+    return f"guest.{args.guest_verb}", {"name": args.name}
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    method, params = agent_request(args)
+    node = Node(parse_address(args.host), args.key, args.known_hosts, args.strict, args.timeout)
+    with node:
+        result = node.call(method, params, idempotent=method in READ_ONLY_METHODS)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    elif method == "guest.console":
+        print(result["text"], end="")
+    elif isinstance(result, list):
+        print(format_table(result))
+    else:
+        print(format_table([result]) if method != "host.report" else format_fields(result))
+    return EXIT_OK
+
+
+READ_ONLY_METHODS = {"host.report", "guest.list", "guest.info", "guest.console"}
+
+
+def format_fields(data: dict[str, object]) -> str:
+    width = max((len(key) for key in data), default=0)
+    return "\n".join(f"{key:<{width}}  {json.dumps(value) if isinstance(value, dict | list) else value}"
+                     for key, value in sorted(data.items()))  # fmt: skip
+
+
+def format_table(rows: list[dict[str, object]]) -> str:
+    if not rows:
+        return "(none)"
+    columns = [key for key in rows[0] if not isinstance(rows[0][key], dict | list)]
+    cells = [[str(row.get(column, "")) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    lines = ["  ".join(column.upper().ljust(width) for column, width in zip(columns, widths, strict=True))]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)) for line in cells]
+    return "\n".join(lines)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -168,7 +283,15 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"init": cmd_init, "check": cmd_check, "build": cmd_build, "boot": cmd_boot, "stop": cmd_stop}
+COMMANDS = {
+    "init": cmd_init,
+    "check": cmd_check,
+    "build": cmd_build,
+    "boot": cmd_boot,
+    "stop": cmd_stop,
+    "node": cmd_node,
+    "guest": cmd_node,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as error:
         print(f"appliance: invalid spec: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (BuildError, BudgetError, MissingToolsError, PackError, QemuError, CommandError) as error:
+    except (BuildError, BudgetError, MissingToolsError, PackError, QemuError, CommandError, NodeError) as error:
         print(f"appliance: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

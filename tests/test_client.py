@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,3 +117,33 @@ def test_addresses_parse_user_host_and_port(tmp_path: Path) -> None:
     assert parse_address("node7", config) == NodeAddress("node7", 22, "appliance")
     assert parse_address("lab1", config) == NodeAddress("10.0.0.5", 2200, "ops")
     assert parse_address("root@lab1:2300", config) == NodeAddress("10.0.0.5", 2300, "root")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "appliance.cli", *args], capture_output=True, text=True, check=False)
+
+
+def test_cli_drives_guests_on_a_node(sshd: Sshd, keys: Path, tmp_path: Path) -> None:
+    host = f"root@127.0.0.1:{sshd.port}"
+    common = ["--key", str(keys), "--known-hosts", str(tmp_path / "known_hosts")]
+    created = run_cli("guest", "create", host, "web", "--memory", "64", "--disk-size", "1", *common)
+    assert created.returncode == 0, created.stderr
+    listed = run_cli("guest", "list", host, *common)
+    assert listed.returncode == 0 and "NAME" in listed.stdout and "web" in listed.stdout and "stopped" in listed.stdout
+    as_json = run_cli("guest", "list", host, "--json", *common)
+    assert json.loads(as_json.stdout)[0]["name"] == "web"
+    report = run_cli("node", "report", host, *common)
+    assert report.returncode == 0 and "memory_total_bytes" in report.stdout
+    missing = run_cli("guest", "info", host, "ghost", *common)
+    assert missing.returncode == 1 and "guest_not_found" in missing.stderr and "Traceback" not in missing.stderr
+    deleted = run_cli("guest", "delete", host, "web", "--remove-disks", *common)
+    assert deleted.returncode == 0
+
+
+def test_cli_names_an_unreachable_node(keys: Path, tmp_path: Path) -> None:
+    from sshd import free_port
+
+    result = run_cli(
+        "node", "report", f"127.0.0.1:{free_port()}", "--key", str(keys), "--known-hosts", str(tmp_path / "kh")
+    )
+    assert result.returncode == 1 and "cannot reach" in result.stderr and "Traceback" not in result.stderr
