@@ -10,8 +10,9 @@ from pathlib import Path
 from appliance import __version__
 from appliance.boot import BootRequest, boot
 from appliance.build import MissingToolsError, build, read_key_files
-from appliance.client import DEFAULT_KNOWN_HOSTS, Node, NodeError, parse_address
+from appliance.client import DEFAULT_KNOWN_HOSTS, Node, NodeAddress, NodeError, parse_address
 from appliance.dib import DEFAULT_CACHE_DIR, BuildError
+from appliance.fleet import DEFAULT_CONCURRENCY, HostOutcome, InventoryError, fan_out, load_inventory
 from appliance.pack.budget import BudgetError
 from appliance.pack.live import PackError
 from appliance.progress import Progress
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     boot_cmd.add_argument("--cpus", type=int, default=2, help="guest vCPUs (default: %(default)s)")
 
     add_node_verbs(verbs)
+    add_fleet_verbs(verbs)
 
     stop = verbs.add_parser(
         "stop",
@@ -165,6 +167,59 @@ def add_node_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -
     disk.add_argument("--disk-size", type=int, metavar="GIB", help="a blank disk of this size")
     disk.add_argument("--base-image", metavar="IMAGE", help="a copy-on-write disk over an image on the node")
     create.add_argument("--autostart", action="store_true")
+
+
+def add_fleet_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    fleet = verbs.add_parser(
+        "fleet",
+        formatter_class=HelpFormatter,
+        help="ask many nodes at once",
+        epilog="example:\n  appliance fleet report -i hosts.ini\n  appliance fleet guests -i hosts.yml --json",
+    )
+    fleet_verbs = fleet.add_subparsers(dest="fleet_verb", required=True, metavar="VERB")
+    for verb, what in (("report", "every node's host report"), ("guests", "every node's guests")):
+        parser = fleet_verbs.add_parser(verb, help=what)
+        parser.add_argument(
+            "-i", "--inventory", type=Path, required=True, help="Ansible INI or YAML inventory, or a host list"
+        )
+        parser.add_argument(
+            "--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="nodes at once (default: %(default)s)"
+        )
+        parser.add_argument("--key", type=Path, default=DEFAULT_KEY, help="operator private key (default: %(default)s)")
+        parser.add_argument("--known-hosts", type=Path, default=DEFAULT_KNOWN_HOSTS, help="default: %(default)s")
+        parser.add_argument("--strict", action="store_true", help="refuse hosts not yet in the known_hosts file")
+        parser.add_argument("--timeout", type=float, default=30.0, help="seconds per host (default: %(default)s)")
+        parser.add_argument("--json", action="store_true", help="print every host's answer as JSON")
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    entries = load_inventory(args.inventory)
+    method = "host.report" if args.fleet_verb == "report" else "guest.list"
+
+    def connect(address: NodeAddress) -> Node:
+        return Node(address, args.key, args.known_hosts, args.strict, args.timeout)
+
+    outcomes = fan_out(entries, method, connect, args.concurrency)
+    if args.json:
+        print(json.dumps([vars(outcome) for outcome in outcomes], indent=2, sort_keys=True))
+    else:
+        print(format_table([fleet_row(outcome, method) for outcome in outcomes]))
+    failed = [outcome for outcome in outcomes if not outcome.ok]
+    print(f"{len(outcomes) - len(failed)} of {len(outcomes)} nodes answered", file=sys.stderr)
+    for outcome in failed:
+        print(f"appliance: {outcome.name}: {outcome.reason}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def fleet_row(outcome: HostOutcome, method: str) -> dict[str, object]:
+    if not outcome.ok:
+        return {"host": outcome.name, "status": "FAILED", "detail": outcome.reason[:60]}
+    if method == "guest.list":
+        names = ", ".join(f"{guest['name']}({guest['state']})" for guest in outcome.result)
+        return {"host": outcome.name, "status": "ok", "detail": names or "no guests"}
+    report = outcome.result
+    memory = f"{report['memory_available_bytes'] // 2**20}/{report['memory_total_bytes'] // 2**20} MiB free"
+    return {"host": outcome.name, "status": "ok", "detail": f"{report['hostname']} {report['cpus']} CPUs {memory}"}
 
 
 def agent_request(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
@@ -291,6 +346,7 @@ COMMANDS = {
     "stop": cmd_stop,
     "node": cmd_node,
     "guest": cmd_node,
+    "fleet": cmd_fleet,
 }
 
 
@@ -298,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.verb](args)
+    except InventoryError as error:
+        print(f"appliance: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except SpecError as error:
         print(f"appliance: invalid spec: {error}", file=sys.stderr)
         return EXIT_USAGE
