@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_node_verbs(verbs)
     add_fleet_verbs(verbs)
+    add_image_verbs(verbs)
 
     stop = verbs.add_parser(
         "stop",
@@ -167,6 +168,48 @@ def add_node_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -
     disk.add_argument("--disk-size", type=int, metavar="GIB", help="a blank disk of this size")
     disk.add_argument("--base-image", metavar="IMAGE", help="a copy-on-write disk over an image on the node")
     create.add_argument("--autostart", action="store_true")
+
+
+def add_image_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    image = verbs.add_parser(
+        "image",
+        formatter_class=HelpFormatter,
+        help="the node's image store",
+        epilog="example:\n  appliance image push node1 debian.qcow2\n  appliance image list node1",
+    )
+    image_verbs = image.add_subparsers(dest="image_verb", required=True, metavar="VERB")
+    push = image_verbs.add_parser("push", help="upload an image (the node checks its sha256)")
+    add_connection_options(push)
+    push.add_argument("file", type=Path)
+    push.add_argument("--name", help="name in the store (default: the file name)")
+    add_connection_options(image_verbs.add_parser("list", help="images on the node"))
+    delete = image_verbs.add_parser("delete", help="delete an image no guest uses")
+    add_connection_options(delete)
+    delete.add_argument("name")
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    node = Node(parse_address(args.host), args.key, args.known_hosts, args.strict, args.timeout)
+    with node:
+        if args.image_verb == "push":
+            if not args.file.is_file():
+                print(f"appliance: no such file: {args.file}", file=sys.stderr)
+                return EXIT_USAGE
+            progress = Progress(sys.stderr, interactive=sys.stderr.isatty())
+            with progress.step(f"push {args.file}"):
+                result = node.push_image(
+                    args.file, args.name or args.file.name,
+                    lambda sent, size: progress.detail(f"{sent * 100 // max(size, 1)}% of {size / 1e6:.1f} MB"),
+                )  # fmt: skip
+        elif args.image_verb == "list":
+            result = node.call("image.list", idempotent=True)
+        else:
+            result = node.call("image.delete", {"name": args.name})
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(format_table(result if isinstance(result, list) else [result]))
+    return EXIT_OK
 
 
 def add_fleet_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -347,6 +390,7 @@ COMMANDS = {
     "node": cmd_node,
     "guest": cmd_node,
     "fleet": cmd_fleet,
+    "image": cmd_image,
 }
 
 

@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import paramiko
 
 AGENT_COMMAND = "appliance-agent serve"
+CHUNK = 1 << 20
 DEFAULT_KNOWN_HOSTS = Path.home() / ".config" / "appliance" / "known_hosts"
 
 
@@ -181,7 +183,29 @@ class Node:
             self.connect()
             return self._call_once(method, params)
 
-    def _call_once(self, method: str, params: dict[str, Any] | None) -> Any:
+    def push_image(self, path: Path, name: str, progress: Callable[[int, int], None] | None = None) -> Any:
+        """Stream a local image file to the node's image store; the node checks size and sha256."""
+        size = path.stat().st_size
+        digest = hashlib.sha256()
+        with path.open("rb") as source:
+            for block in iter(lambda: source.read(CHUNK), b""):
+                digest.update(block)
+        params = {"name": name, "size_bytes": size, "sha256": digest.hexdigest()}
+
+        def send_data(channel: paramiko.Channel) -> None:
+            sent = 0
+            with path.open("rb") as source:
+                for block in iter(lambda: source.read(CHUNK), b""):
+                    channel.sendall(block)
+                    sent += len(block)
+                    if progress:
+                        progress(sent, size)
+
+        return self._call_once("image.import", params, send_data)
+
+    def _call_once(
+        self, method: str, params: dict[str, Any] | None, send_data: Callable[[paramiko.Channel], None] | None = None
+    ) -> Any:
         if self._channel is None:
             self.connect()
         assert self._channel is not None
@@ -189,6 +213,8 @@ class Node:
         message = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}
         try:
             self._channel.sendall(json.dumps(message).encode() + b"\n")
+            if send_data:
+                send_data(self._channel)
             reply = json.loads(self._read_line())
         except TimeoutError as error:
             raise NodeTimeoutError(f"{method}: no answer within {self.timeout:.0f}s") from error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -147,3 +148,17 @@ def test_cli_names_an_unreachable_node(keys: Path, tmp_path: Path) -> None:
         "node", "report", f"127.0.0.1:{free_port()}", "--key", str(keys), "--known-hosts", str(tmp_path / "kh")
     )
     assert result.returncode == 1 and "cannot reach" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_image_push_streams_a_file_the_node_checks(sshd: Sshd, keys: Path, tmp_path: Path) -> None:
+    image = tmp_path / "base.img"
+    image.write_bytes(bytes(range(256)) * 8192)
+    host = f"root@127.0.0.1:{sshd.port}"
+    common = ["--key", str(keys), "--known-hosts", str(tmp_path / "known_hosts")]
+    pushed = run_cli("image", "push", host, str(image), "--json", *common)
+    assert pushed.returncode == 0, pushed.stderr
+    assert json.loads(pushed.stdout)["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    assert "base.img" in run_cli("image", "list", host, *common).stdout
+    again = run_cli("image", "push", host, str(image), *common)
+    assert again.returncode == 1 and "image_exists" in again.stderr
+    assert run_cli("image", "delete", host, "base.img", *common).returncode == 0
