@@ -88,7 +88,8 @@ def boot(request: BootRequest, say: TextIO = sys.stdout) -> BootResult:
     paths = VmPaths(request.out_dir / "run")
     vm = start_vm(config, paths)
     say.write(f"QEMU pid {vm.process.pid}; console log {paths.serial_log}\n")
-    say.write(f"SSH to the node: ssh -p {config.ssh_port} {user}@127.0.0.1 appliance-agent report\n")
+    example = '{"jsonrpc":"2.0","id":1,"method":"host.report"}'
+    say.write(f"ask the node's agent: echo '{example}' | ssh -p {config.ssh_port} {user}@127.0.0.1\n")
     say.flush()
     try:
         if request.wait:

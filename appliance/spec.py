@@ -40,6 +40,7 @@ PACKAGE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 CMDLINE_ARG_PATTERN = re.compile(r"^[A-Za-z0-9_.,:/=+@%-]+$")
 MIRROR_PATTERN = re.compile(r"^(https?|file)://[^\s\"']+$")
 MAX_BUDGET_MB = 100_000
+BREAK_GLASS_USER = "breakglass"
 
 
 class Output(StrEnum):
@@ -81,6 +82,8 @@ class Console:
 class Ssh:
     user: str = "appliance"
     authorized_keys: tuple[str, ...] = ()
+    # Break-glass: keys for a real shell (user "breakglass", sudo). Off unless given.
+    break_glass_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -323,7 +326,7 @@ class _Reader:
 
     def ssh(self, table: dict[str, Any]) -> Ssh:
         defaults = Ssh()
-        self.unknown_keys(table, "ssh.", ("user", "authorized_keys"))
+        self.unknown_keys(table, "ssh.", ("user", "authorized_keys", "break_glass_keys"))
         user = self.string(
             table,
             "user",
@@ -332,20 +335,27 @@ class _Reader:
             "a user name: lower-case letters, digits, '_' and '-', at most 32 characters",
             "ssh.user",
         )
-        if user == "root":
-            self.problem("ssh.user", user, "the agent user may not be root")
-        keys = table.get("authorized_keys", [])
+        if user in ("root", BREAK_GLASS_USER):
+            self.problem("ssh.user", user, f"the agent user may not be root or {BREAK_GLASS_USER}")
+        return Ssh(
+            user=user,
+            authorized_keys=self.public_keys(table, "authorized_keys"),
+            break_glass_keys=self.public_keys(table, "break_glass_keys"),
+        )
+
+    def public_keys(self, table: dict[str, Any], key: str) -> tuple[str, ...]:
+        keys = table.get(key, [])
         if not isinstance(keys, list):
-            self.problem("ssh.authorized_keys", keys, "must be a list of OpenSSH public key lines")
-            return Ssh(user=user)
+            self.problem(f"ssh.{key}", keys, "must be a list of OpenSSH public key lines")
+            return ()
         good = []
-        for index, key in enumerate(keys):
-            reason = check_public_key(key)
+        for index, line in enumerate(keys):
+            reason = check_public_key(line)
             if reason:
-                self.problem(f"ssh.authorized_keys[{index}]", key, reason)
+                self.problem(f"ssh.{key}[{index}]", line, reason)
             else:
-                good.append(key.strip())
-        return Ssh(user=user, authorized_keys=tuple(good))
+                good.append(line.strip())
+        return tuple(good)
 
     def mirrors(self, table: dict[str, Any]) -> Mirrors:
         self.unknown_keys(table, "mirrors.", ("debian", "security"))

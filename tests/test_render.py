@@ -63,7 +63,7 @@ def test_operator_keys_are_restricted_and_only_for_the_agent_user(spec: Spec, tm
         for line in files["appliance-ssh/static/etc/ssh/authorized_keys/agent-user"].splitlines()
         if not line.startswith("#")
     ]
-    assert keys == [f"restrict {public_key}"]
+    assert keys == [f'restrict,command="/usr/bin/appliance-agent serve" {public_key}']
     sshd = files["appliance-ssh/static/etc/ssh/sshd_config.d/50-appliance.conf"]
     assert "PasswordAuthentication no" in sshd and "PermitRootLogin no" in sshd
     assert "AllowUsers ops" in sshd and "Match User ops" in sshd
@@ -111,3 +111,14 @@ def test_grub_cfg_without_serial_has_no_serial_terminal() -> None:
 
 def test_rendering_is_pure(spec: Spec, tmp_path: Path) -> None:
     assert rendered(spec, tmp_path / "a") == {name: text for name, text in rendered(spec, tmp_path / "b").items()}
+
+
+def test_break_glass_is_off_unless_keys_are_given(spec: Spec, tmp_path: Path, public_key: str) -> None:
+    sshd = rendered(spec, tmp_path / "off")["appliance-ssh/static/etc/ssh/sshd_config.d/50-appliance.conf"]
+    assert "breakglass" not in sshd
+    with_glass = parse_spec(f'[ssh]\nbreak_glass_keys = ["{public_key}"]', "t")
+    files = rendered(with_glass, tmp_path / "on")
+    sshd = files["appliance-ssh/static/etc/ssh/sshd_config.d/50-appliance.conf"]
+    assert "AllowUsers appliance breakglass" in sshd and "Match User breakglass" in sshd
+    assert public_key in files["appliance-ssh/static/etc/ssh/authorized_keys/break-glass"]
+    assert "restrict" not in files["appliance-ssh/static/etc/ssh/authorized_keys/break-glass"]

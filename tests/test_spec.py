@@ -95,6 +95,8 @@ def test_good_spec_is_read_into_typed_values(public_key: str) -> None:
         ('[console]\nserial_port = "/dev/ttyS0"', "console.serial_port"),
         ('[console]\nserial = "yes"', "console.serial"),
         ('[ssh]\nuser = "root"', "ssh.user"),
+        ('[ssh]\nuser = "breakglass"', "ssh.user"),
+        ('[ssh]\nbreak_glass_keys = ["nope"]', "ssh.break_glass_keys[0]"),
         ('[ssh]\nuser = "Bad User"', "ssh.user"),
         ('[ssh]\nauthorized_keys = "ssh-ed25519 AAAA"', "ssh.authorized_keys"),
         ('[ssh]\nauthorized_keys = ["not a key"]', "ssh.authorized_keys[0]"),
