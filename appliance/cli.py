@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from appliance import __version__
@@ -119,13 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_connection_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("host", metavar="HOST", help="[user@]host[:port] or an alias from ~/.ssh/config")
+def add_key_options(parser: argparse.ArgumentParser, timeout: float) -> None:
+    """How to reach nodes: the operator key, host key checking, timeout, output."""
     parser.add_argument("--key", type=Path, default=DEFAULT_KEY, help="operator private key (default: %(default)s)")
     parser.add_argument("--known-hosts", type=Path, default=DEFAULT_KNOWN_HOSTS, help="default: %(default)s")
     parser.add_argument("--strict", action="store_true", help="refuse hosts not yet in the known_hosts file")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds per request (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the agent's answer as JSON")
+
+
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("host", metavar="HOST", help="[user@]host[:port] or an alias from ~/.ssh/config")
+    add_key_options(parser, timeout=60.0)
+
+
+def node_connector(args: argparse.Namespace) -> Callable[[NodeAddress], Node]:
+    def connect(address: NodeAddress) -> Node:
+        return Node(address, args.key, args.known_hosts, args.strict, args.timeout)
+
+    return connect
 
 
 GUEST_VERBS = ("start", "stop", "kill", "reboot", "pause", "resume", "info", "console")
@@ -189,8 +202,7 @@ def add_image_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def cmd_image(args: argparse.Namespace) -> int:
-    node = Node(parse_address(args.host), args.key, args.known_hosts, args.strict, args.timeout)
-    with node:
+    with node_connector(args)(parse_address(args.host)) as node:
         if args.image_verb == "push":
             if not args.file.is_file():
                 print(f"appliance: no such file: {args.file}", file=sys.stderr)
@@ -228,21 +240,14 @@ def add_fleet_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) 
         parser.add_argument(
             "--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="nodes at once (default: %(default)s)"
         )
-        parser.add_argument("--key", type=Path, default=DEFAULT_KEY, help="operator private key (default: %(default)s)")
-        parser.add_argument("--known-hosts", type=Path, default=DEFAULT_KNOWN_HOSTS, help="default: %(default)s")
-        parser.add_argument("--strict", action="store_true", help="refuse hosts not yet in the known_hosts file")
-        parser.add_argument("--timeout", type=float, default=30.0, help="seconds per host (default: %(default)s)")
-        parser.add_argument("--json", action="store_true", help="print every host's answer as JSON")
+        add_key_options(parser, timeout=30.0)
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
     entries = load_inventory(args.inventory)
     method = "host.report" if args.fleet_verb == "report" else "guest.list"
 
-    def connect(address: NodeAddress) -> Node:
-        return Node(address, args.key, args.known_hosts, args.strict, args.timeout)
-
-    outcomes = fan_out(entries, method, connect, args.concurrency)
+    outcomes = fan_out(entries, method, node_connector(args), args.concurrency)
     if args.json:
         print(json.dumps([vars(outcome) for outcome in outcomes], indent=2, sort_keys=True))
     else:
@@ -290,8 +295,7 @@ def agent_request(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
 
 def cmd_node(args: argparse.Namespace) -> int:
     method, params = agent_request(args)
-    node = Node(parse_address(args.host), args.key, args.known_hosts, args.strict, args.timeout)
-    with node:
+    with node_connector(args)(parse_address(args.host)) as node:
         result = node.call(method, params, idempotent=method in READ_ONLY_METHODS)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
