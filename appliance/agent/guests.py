@@ -13,6 +13,8 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,16 +158,17 @@ def start_guest(host: Host, store: Store, name: str) -> dict[str, Any]:
     return {"name": name, "pid": running_pid(paths), "seconds": round(time.monotonic() - started, 3)}
 
 
-def qmp(host: Host, name: str) -> QMPClient:
+@contextmanager
+def qmp(host: Host, name: str) -> Iterator[QMPClient]:
+    """A connected QMP session with a running guest; QMP failures become agent errors."""
     paths = host.paths(name)
     if running_pid(paths) is None:
         raise AgentError("guest_not_running", f"guest {name!r} is not running")
-    client = QMPClient(paths.qmp_socket)
     try:
-        client.connect()
+        with QMPClient(paths.qmp_socket) as client:
+            yield client
     except QMPError as error:
         raise AgentError("qmp_failed", f"guest {name!r}: {error}") from error
-    return client
 
 
 def guest_command(host: Host, store: Store, name: str, command: str) -> dict[str, Any]:
