@@ -17,6 +17,7 @@ from sshd import Sshd
 from appliance.client import (
     AgentCallError,
     AuthenticationError,
+    ConnectionLostError,
     HostKeyError,
     Node,
     NodeAddress,
@@ -162,3 +163,16 @@ def test_image_push_streams_a_file_the_node_checks(sshd: Sshd, keys: Path, tmp_p
     again = run_cli("image", "push", host, str(image), *common)
     assert again.returncode == 1 and "image_exists" in again.stderr
     assert run_cli("image", "delete", host, "base.img", *common).returncode == 0
+
+
+def test_a_lost_connection_is_retried_once_for_reads_and_never_for_writes(
+    sshd: Sshd, keys: Path, tmp_path: Path
+) -> None:
+    with node_for(sshd, keys, tmp_path / "known_hosts") as node:
+        assert node._transport is not None
+        node._transport.close()  # the connection drops under the client
+        assert node.call("host.report", idempotent=True)["cpus"] >= 1
+        assert node._transport is not None
+        node._transport.close()
+        with pytest.raises(ConnectionLostError):
+            node.call("guest.create", {"name": "once", "memory_mib": 32})
