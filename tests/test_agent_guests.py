@@ -153,3 +153,37 @@ def test_bad_guest_definitions_are_refused_and_the_connection_goes_on(
 @pytest.mark.parametrize("method", ["guest.start", "guest.info", "guest.console", "guest.delete", "guest.pause"])
 def test_unknown_guest_is_named(agent: AgentProcess, method: str) -> None:
     assert agent.error_code(method, {"name": "ghost"}) == "guest_not_found"
+
+
+def dead_pid() -> int:
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(finished.stdout)
+
+
+def test_a_create_cut_short_by_a_crash_is_repaired_by_the_next_agent(state_dir: Path) -> None:
+    # A crash after the disk, before the row: the directory alone is left, with its marker.
+    half_made = state_dir / "guests" / "g1"
+    half_made.mkdir(parents=True)
+    (half_made / "disk0.qcow2").write_bytes(b"partial")
+    (half_made / f".creating-{dead_pid()}").touch()
+    agent = AgentProcess(state_dir)
+    try:
+        assert agent.result("guest.list") == []
+        assert not half_made.exists()
+        assert agent.result("guest.create", GUEST)["name"] == "g1"
+        assert not list(half_made.glob(".creating-*"))
+    finally:
+        agent.kill()
+
+
+def test_a_create_that_committed_before_the_crash_keeps_its_guest(state_dir: Path) -> None:
+    agent = AgentProcess(state_dir)
+    agent.result("guest.create", GUEST)
+    agent.kill()
+    (state_dir / "guests" / "g1" / f".creating-{dead_pid()}").touch()
+    again = AgentProcess(state_dir)
+    try:
+        assert [guest["name"] for guest in again.result("guest.list")] == ["g1"]
+        assert not list((state_dir / "guests" / "g1").glob(".creating-*"))
+    finally:
+        again.kill()

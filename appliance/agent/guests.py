@@ -8,6 +8,7 @@ those two files. State is never cached: it is read from the pid and QMP.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -81,10 +82,40 @@ class Host:
         return path
 
 
-def run_tool(argv: list[str]) -> None:
+def run_tool(argv: list[str]) -> str:
+    """The agent's one way to run a program: its stdout, or an agent error with its stderr."""
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise AgentError("tool_failed", f"{argv[0]} failed: {result.stderr.strip()[-500:]}")
+    return result.stdout
+
+
+def image_format(path: Path) -> str:
+    """What qemu-img makes of an image (raw, qcow2, ...): names do not say."""
+    return str(json.loads(run_tool([QEMU_IMG, "info", "--output=json", str(path)]))["format"])
+
+
+CREATING_PREFIX = ".creating-"
+
+
+def repair_interrupted_creates(host: Host, store: Store) -> None:
+    """Finish what an agent that died inside create_guest left behind.
+
+    A create marks the guest directory with .creating-PID until its row is
+    committed. A marker whose agent is gone means: row committed, drop the
+    marker; no row, the directory is a half-made guest, remove it.
+    """
+    if not host.guests_dir.is_dir():
+        return
+    defined = {spec.name for spec in store.guests()}
+    for marker in host.guests_dir.glob(f"*/{CREATING_PREFIX}*"):
+        pid = marker.name.removeprefix(CREATING_PREFIX)
+        if pid.isdigit() and Path(f"/proc/{pid}").exists():
+            continue
+        if marker.parent.name in defined:
+            marker.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(marker.parent, ignore_errors=True)
 
 
 def create_guest(host: Host, store: Store, spec: GuestSpec) -> dict[str, Any]:
@@ -95,11 +126,13 @@ def create_guest(host: Host, store: Store, spec: GuestSpec) -> dict[str, Any]:
         paths.directory.mkdir(parents=True)
     except FileExistsError as error:
         raise AgentError("guest_exists", f"a guest named {spec.name!r} already exists") from error
+    marker = paths.directory / f"{CREATING_PREFIX}{os.getpid()}"
+    marker.touch()
     try:
         for index, disk in enumerate(spec.disks):
             if disk.base_image:
                 base = host.image(disk.base_image)
-                run_tool([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "qcow2" if base.suffix == ".qcow2" else "raw",
+                run_tool([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", image_format(base),
                           "-b", str(base), str(paths.disk(index))])  # fmt: skip
             else:
                 run_tool([QEMU_IMG, "create", "-q", "-f", "qcow2", str(paths.disk(index)), f"{disk.size_gib}G"])
@@ -111,6 +144,7 @@ def create_guest(host: Host, store: Store, spec: GuestSpec) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(paths.directory, ignore_errors=True)
         raise
+    marker.unlink()
     return spec.to_json()
 
 

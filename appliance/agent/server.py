@@ -45,6 +45,7 @@ class ServerContext:
     def store(self) -> Store:
         if self._store is None:
             self._store = Store(self.state_dir)
+            guests.repair_interrupted_creates(self.host, self._store)
         return self._store
 
 
