@@ -6,10 +6,10 @@ import shlex
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from conftest import make_key
+from waiting import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,15 +51,15 @@ class Sshd:
             stdout=subprocess.DEVNULL,
             stderr=(self.directory / "sshd.log").open("wb"),
         )
-        deadline = time.monotonic() + 30
-        while True:
-            assert self.process.poll() is None, (self.directory / "sshd.log").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                assert time.monotonic() < deadline, "sshd did not listen in time"
-                time.sleep(0.02)
+        wait_until(self.accepts_connections, 30, "sshd to listen")
+
+    def accepts_connections(self) -> bool:
+        assert self.process is not None and self.process.poll() is None, (self.directory / "sshd.log").read_text()
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
 
     def stop(self) -> None:
         if self.process is not None:

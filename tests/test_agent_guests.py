@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from agent_process import AgentProcess
+from waiting import wait_until
 
 from appliance.qemu import PROBE_BOOT_SECTOR, PROBE_MARKER
 
@@ -47,16 +47,6 @@ def agent(state_dir: Path) -> Iterator[AgentProcess]:
 GUEST = {"name": "g1", "vcpus": 1, "memory_mib": 32, "disks": [{"base_image": "marker-guest"}]}
 
 
-def wait_for(condition, what: str, deadline: float = DEADLINE):  # type: ignore[no-untyped-def]
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_create_start_console_stop_delete(agent: AgentProcess, state_dir: Path) -> None:
     created = agent.result("guest.create", GUEST)
     assert created["name"] == "g1"
@@ -65,7 +55,9 @@ def test_create_start_console_stop_delete(agent: AgentProcess, state_dir: Path) 
 
     started = agent.result("guest.start", {"name": "g1"})
     assert started["pid"] > 0
-    wait_for(lambda: PROBE_MARKER.decode() in agent.result("guest.console", {"name": "g1"})["text"], "the marker")
+    wait_until(
+        lambda: PROBE_MARKER.decode() in agent.result("guest.console", {"name": "g1"})["text"], DEADLINE, "the marker"
+    )
     info = agent.result("guest.info", {"name": "g1"})
     assert info["state"] == "running" and info["pid"] == started["pid"] and info["cpu_seconds"] >= 0
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 from appliance.agent.qmp import ConnectError, ConnectionLostError, ExecuteError, QMPClient
 from appliance.qemu import PROBE_BOOT_SECTOR, QEMU
@@ -22,10 +22,7 @@ def monitor(tmp_path: Path) -> Iterator[Path]:
          "-drive", f"file={disk},format=raw,if=floppy", "-qmp", f"unix:{socket_path},server=on,wait=off"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while not socket_path.exists():
-        assert process.poll() is None and time.monotonic() < deadline, "QEMU did not open its QMP socket"
-        time.sleep(0.02)
+    wait_until(lambda: process.poll() is None and socket_path.exists(), 30, "QEMU's QMP socket")
     yield socket_path
     process.kill()
     process.wait()
