@@ -82,7 +82,7 @@ def test_start_is_refused_past_the_vcpu_overcommit(tmp_path: Path, cleanup: list
     assert "8 vCPUs" in reply["error"]["message"]
 
 
-def test_balloon_change_is_visible_in_qmp(tmp_path: Path, cleanup: list[AgentProcess]) -> None:
+def test_balloon_target_is_set_through_qmp(tmp_path: Path, cleanup: list[AgentProcess]) -> None:
     agent = agent_with_policy(tmp_path, "")
     cleanup.append(agent)
     agent.result("guest.create", guest("b", memory_mib=128))
