@@ -289,7 +289,17 @@ def guest_info(host: Host, store: Store, name: str) -> dict[str, Any]:
         ticks = os.sysconf("SC_CLK_TCK")
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         info["cpu_seconds"] = (int(fields[11]) + int(fields[12])) / ticks
+        info["memory_actual_mib"] = balloon_actual_mib(paths)
     return info
+
+
+def balloon_actual_mib(paths: GuestPaths) -> int | None:
+    """What the guest holds now after its balloon (None when QMP does not say)."""
+    try:
+        with QMPClient(paths.qmp_socket, timeout=5) as client:
+            return int(client.execute("query-balloon")["actual"]) // (1024 * 1024)
+    except QMPError:
+        return None
 
 
 def resources_report(host: Host, store: Store, kvm_usable: bool) -> dict[str, Any]:
