@@ -8,15 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from appliance.agent.accel import AccelChoice, probe_accel
 from appliance.pack.manifest import load_manifest
 from appliance.qemu import (
-    AccelChoice,
     BootConfig,
     QemuError,
     RunningVm,
     VmPaths,
     free_local_port,
-    probe_accel,
     start_vm,
 )
 from appliance.render import READY_MARKER

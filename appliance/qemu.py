@@ -1,8 +1,7 @@
 """The runner: starts a built appliance in QEMU and watches its serial console.
 
-KVM is used when a probe guest really runs under it (an openable /dev/kvm is
-not enough: some hosts accept the ioctls and then fail to run a vCPU);
-otherwise TCG, and the runner says which and why.
+The accelerator comes from appliance.agent.accel's probe (KVM only when a
+probe guest really runs under it), and the runner says which and why.
 """
 
 from __future__ import annotations
@@ -12,79 +11,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.agent.accel import QEMU, AccelChoice
 from appliance.agent.processes import live_pid
-
-QEMU = "qemu-system-x86_64"
-PROBE_MARKER = b"KVMOK"
-PROBE_SECONDS = 5.0
-
-# A 512-byte boot sector that writes PROBE_MARKER to COM1 and halts:
-#   xor ax,ax; mov ds,ax; cld; mov dx,0x3f8; mov si,msg
-#   next: lodsb; test al,al; jz done; out dx,al; jmp next
-#   done: cli; hlt; jmp $-1
-PROBE_CODE = bytes.fromhex("31c08ed8fcbaf803be177cac84c07403eeebf8faf4ebfd") + PROBE_MARKER + b"\r\n\0"
-PROBE_BOOT_SECTOR = PROBE_CODE.ljust(510, b"\0") + b"\x55\xaa"
 
 
 class QemuError(Exception):
     """QEMU could not be started, died, or the guest never became ready."""
-
-
-@dataclass(frozen=True)
-class AccelChoice:
-    accel: str
-    reason: str
-
-    @property
-    def cpu(self) -> str:
-        return "host" if self.accel == "kvm" else "max"
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    ran: bool
-    detail: str
-
-
-def run_probe_guest(accel: str, cpu: str, timeout: float, qemu: str = QEMU) -> ProbeResult:
-    """Boot PROBE_BOOT_SECTOR under `accel` and say whether it printed its marker in time."""
-    with tempfile.TemporaryDirectory(prefix="appliance-probe-") as tmp:
-        disk, serial = Path(tmp) / "probe.img", Path(tmp) / "serial.log"
-        disk.write_bytes(PROBE_BOOT_SECTOR)
-        argv = [qemu, "-accel", accel, "-cpu", cpu, "-m", "16", "-nodefaults", "-display", "none", "-no-reboot",
-                "-drive", f"file={disk},format=raw,if=floppy", "-serial", f"file:{serial}"]  # fmt: skip
-        try:
-            process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-            )
-        except OSError as error:
-            raise QemuError(f"cannot start {qemu}: {error.strerror} (run `make deps`)") from error
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline and process.poll() is None:
-                if serial.exists() and PROBE_MARKER in serial.read_bytes():
-                    return ProbeResult(True, f"a probe guest ran under {accel}")
-                time.sleep(0.05)
-        finally:
-            process.kill()
-            _, stderr = process.communicate()
-        lines = stderr.decode(errors="replace").strip().splitlines()
-        return ProbeResult(False, lines[0] if lines else f"no output from the probe guest within {timeout:.0f}s")
-
-
-def probe_accel(qemu: str = QEMU, kvm_device: Path = Path("/dev/kvm")) -> AccelChoice:
-    """KVM if a probe guest prints its marker under it within a few seconds, else TCG."""
-    if not os.access(kvm_device, os.R_OK | os.W_OK):
-        return AccelChoice("tcg", f"{kvm_device} is missing or not accessible")
-    probe = run_probe_guest("kvm", "host", PROBE_SECONDS, qemu)
-    if probe.ran:
-        return AccelChoice("kvm", probe.detail)
-    return AccelChoice("tcg", f"KVM cannot run guests here ({probe.detail})")
 
 
 def free_local_port() -> int:

@@ -17,7 +17,7 @@ import pytest
 from agent_process import AgentProcess
 from waiting import wait_until
 
-from appliance.qemu import PROBE_BOOT_SECTOR, PROBE_MARKER
+from appliance.agent.accel import PROBE_BOOT_SECTOR, PROBE_MARKER
 
 DEADLINE = 60.0
 

@@ -5,7 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from appliance.agent.config import load_config
+import pytest
+
+from appliance.agent.config import ConfigError, load_config
 from appliance.agent.host import collect_report, probe_kvm, read_build_id, read_meminfo
 
 MEMINFO = "MemTotal:       16384000 kB\nMemAvailable:    8192000 kB\nHugePages_Total:       0\n"
@@ -44,6 +46,10 @@ def test_config_defaults_and_file(tmp_path: Path) -> None:
     path.write_text('[agent]\nstate_dir = "/srv/state"\nready_marker = "UP"\n')
     config = load_config(path)
     assert config.state_dir == Path("/srv/state") and config.ready_marker == "UP"
+    assert config.accel == "auto"
+    path.write_text('[agent]\naccel = "kvm:tcg"\n')
+    with pytest.raises(ConfigError, match="allowed: auto, kvm, tcg"):
+        load_config(path)
 
 
 def run_agent(*args: str) -> subprocess.CompletedProcess[str]:
@@ -74,10 +80,14 @@ def test_agent_ready_writes_one_marker_line(tmp_path: Path) -> None:
     console = tmp_path / "console"
     config = tmp_path / "agent.toml"
     config.write_text('[agent]\nready_marker = "NODE-UP"\n')
-    result = run_agent("--config", str(config), "ready", "--console", str(console))
+    state = tmp_path / "state"
+    result = run_agent("--config", str(config), "--state-dir", str(state), "ready", "--console", str(console))
     assert result.returncode == 0, result.stderr
     lines = console.read_text().splitlines()
     assert len(lines) == 1 and lines[0].startswith("NODE-UP host=")
+    # The accelerator named is the probe's answer, kept for the agents that follow.
+    probed = json.loads((state / "accel-probe.json").read_text())
+    assert lines[0].endswith(f" accel={probed['accel']}")
 
 
 def test_broken_config_is_a_message_not_a_traceback(tmp_path: Path) -> None:

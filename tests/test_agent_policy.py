@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from agent_process import AgentProcess
 
+from appliance.agent.accel import PROBE_BOOT_SECTOR
 from appliance.agent.host import read_meminfo
-from appliance.qemu import PROBE_BOOT_SECTOR
 
 MIB = 1024 * 1024
 TOTAL_MIB = read_meminfo()["MemTotal"] // MIB

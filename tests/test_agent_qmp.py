@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from waiting import wait_until
 
+from appliance.agent.accel import PROBE_BOOT_SECTOR, QEMU
 from appliance.agent.qmp import ConnectError, ConnectionLostError, ExecuteError, QMPClient
-from appliance.qemu import PROBE_BOOT_SECTOR, QEMU
 
 
 @pytest.fixture

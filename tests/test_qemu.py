@@ -1,16 +1,10 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from appliance.qemu import (
-    PROBE_BOOT_SECTOR,
-    AccelChoice,
-    BootConfig,
-    VmPaths,
-    probe_accel,
-    qemu_argv,
-    run_probe_guest,
-)
+from appliance.agent.accel import PROBE_BOOT_SECTOR, AccelChoice, node_accel, probe_accel, run_probe_guest
+from appliance.qemu import BootConfig, VmPaths, qemu_argv
 
 
 def test_probe_boot_sector_prints_its_marker_under_tcg() -> None:
@@ -29,6 +23,24 @@ def test_probe_gives_a_definite_answer_on_this_machine() -> None:
     choice = probe_accel()
     assert choice.accel in ("kvm", "tcg") and choice.reason
     assert choice.cpu == ("host" if choice.accel == "kvm" else "max")
+
+
+def test_node_accel_probes_once_per_boot(tmp_path: Path) -> None:
+    boot_id, cache = tmp_path / "boot_id", tmp_path / "state" / "accel-probe.json"
+    boot_id.write_text("first-boot\n")
+    choice = node_accel("auto", cache, boot_id)
+    assert choice == probe_accel()
+    # A cached answer is only believed for the boot it was probed in.
+    cache.write_text(json.dumps({"boot_id": "first-boot", "accel": "kvm", "reason": "cached"}))
+    assert node_accel("auto", cache, boot_id) == AccelChoice("kvm", "cached")
+    boot_id.write_text("second-boot\n")
+    assert node_accel("auto", cache, boot_id) == choice
+    assert json.loads(cache.read_text())["boot_id"] == "second-boot"
+
+
+def test_node_accel_set_in_config_is_not_probed(tmp_path: Path) -> None:
+    assert node_accel("tcg", tmp_path / "cache.json", tmp_path / "no-boot-id").accel == "tcg"
+    assert not (tmp_path / "cache.json").exists()
 
 
 def test_qemu_argv_boots_the_iso_with_ssh_forwarded(tmp_path: Path) -> None:

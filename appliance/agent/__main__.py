@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from appliance.agent.accel import AccelChoice, node_accel
 from appliance.agent.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from appliance.agent.host import collect_report
 from appliance.agent.server import ServerContext, serve
@@ -35,10 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def ready_line(marker: str, build_info_path: Path) -> str:
+ACCEL_CACHE_NAME = "accel-probe.json"
+
+
+def ready_line(marker: str, build_info_path: Path, accel: AccelChoice) -> str:
     report = collect_report(build_info_path)
-    kvm = "yes" if report.kvm.usable else "no"
-    return f"{marker} host={report.hostname} build={report.build_id} kernel={report.kernel} kvm={kvm}"
+    return f"{marker} host={report.hostname} build={report.build_id} kernel={report.kernel} accel={accel.accel}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,15 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"appliance-agent: {error}", file=sys.stderr)
         return 1
     state_dir = args.state_dir or Path(os.environ.get("APPLIANCE_STATE_DIR") or config.state_dir)
-    if args.verb == "serve":
-        accel = os.environ.get("APPLIANCE_ACCEL") or config.accel
-        context = ServerContext(state_dir, config.build_info_path, accel, config.policy)
-        serve(context, sys.stdin.buffer, sys.stdout.buffer)
-        return 0
     if args.verb == "report":
         print(json.dumps(collect_report(config.build_info_path).to_json(), indent=2, sort_keys=True))
         return 0
-    line = ready_line(config.ready_marker, config.build_info_path)
+    accel = node_accel(os.environ.get("APPLIANCE_ACCEL") or config.accel, state_dir / ACCEL_CACHE_NAME)
+    if args.verb == "serve":
+        context = ServerContext(state_dir, config.build_info_path, accel, config.policy)
+        serve(context, sys.stdin.buffer, sys.stdout.buffer)
+        return 0
+    line = ready_line(config.ready_marker, config.build_info_path, accel)
     if args.console is None:
         print(line)
     else:

@@ -9,6 +9,7 @@ from pathlib import Path
 from appliance.agent.policy import Policy
 
 DEFAULT_CONFIG_PATH = Path("/etc/appliance/agent.toml")
+ACCEL_SETTINGS = ("auto", "kvm", "tcg")
 
 
 class ConfigError(Exception):
@@ -20,8 +21,8 @@ class AgentConfig:
     state_dir: Path
     build_info_path: Path
     ready_marker: str
-    # QEMU's -machine accel= for guests: "kvm:tcg" uses KVM where it works.
-    accel: str = "kvm:tcg"
+    # "auto": KVM where a probe guest runs under it, else TCG; or "kvm"/"tcg".
+    accel: str = "auto"
     policy: Policy = field(default_factory=Policy)
 
 
@@ -36,11 +37,14 @@ def load_config(path: Path) -> AgentConfig:
     agent = data.get("agent", {})
     if not isinstance(agent, dict):
         raise ConfigError(f"{path}: [agent] must be a table")
+    accel = str(agent.get("accel", "auto"))
+    if accel not in ACCEL_SETTINGS:
+        raise ConfigError(f"{path}: [agent] accel is {accel!r}; allowed: {', '.join(ACCEL_SETTINGS)}")
     return AgentConfig(
         state_dir=Path(str(agent.get("state_dir", "/var/lib/appliance"))),
         build_info_path=Path(str(agent.get("build_info", "/etc/appliance/build.json"))),
         ready_marker=str(agent.get("ready_marker", "APPLIANCE-READY")),
-        accel=str(agent.get("accel", "kvm:tcg")),
+        accel=accel,
         policy=read_policy(data.get("policy", {}), path),
     )
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.agent.accel import QEMU, AccelChoice
 from appliance.agent.host import read_meminfo
 from appliance.agent.model import GuestSpec, check_name
 from appliance.agent.policy import Capacity, Policy, check_create, check_start
@@ -28,7 +29,6 @@ from appliance.agent.protocol import AgentError
 from appliance.agent.qmp import QMPClient, QMPError
 from appliance.agent.store import Store
 
-QEMU = "qemu-system-x86_64"
 QEMU_IMG = "qemu-img"
 CONSOLE_TAIL_MAX = 64 * 1024
 
@@ -58,7 +58,7 @@ class Host:
     """Where guests live and how QEMU is run on this node."""
 
     state_dir: Path
-    accel: str = "kvm:tcg"
+    accel: AccelChoice
     policy: Policy = field(default_factory=Policy)
 
     def capacity(self) -> Capacity:
@@ -155,8 +155,8 @@ def running_pid(paths: GuestPaths) -> int | None:
 
 def qemu_argv(host: Host, spec: GuestSpec, paths: GuestPaths) -> list[str]:
     argv = [
-        QEMU, "-name", f"guest={spec.name}", "-machine", f"q35,accel={host.accel}",
-        "-cpu", "max" if host.accel == "tcg" else "host",
+        QEMU, "-name", f"guest={spec.name}", "-machine", f"q35,accel={host.accel.accel}",
+        "-cpu", host.accel.cpu,
         "-smp", str(spec.vcpus), "-m", str(spec.memory_mib),
         "-nodefaults", "-no-user-config", "-display", "none",
         "-sandbox", "on",
@@ -302,7 +302,7 @@ def balloon_actual_mib(paths: GuestPaths) -> int | None:
         return None
 
 
-def resources_report(host: Host, store: Store, kvm_usable: bool) -> dict[str, Any]:
+def resources_report(host: Host, store: Store) -> dict[str, Any]:
     """What guests hold of this node, for host.report."""
     counts: dict[str, int] = {}
     allocated_mib = 0
@@ -313,9 +313,9 @@ def resources_report(host: Host, store: Store, kvm_usable: bool) -> dict[str, An
             allocated_mib += spec.memory_mib
     host.state_dir.mkdir(parents=True, exist_ok=True)
     disk = os.statvfs(host.state_dir)
-    accelerator = "kvm" if kvm_usable and host.accel.startswith("kvm") else "tcg"
     return {
-        "accelerator": accelerator,
+        "accelerator": host.accel.accel,
+        "accelerator_reason": host.accel.reason,
         "memory_reserved_for_host_bytes": host.policy.reserved_memory_mib * 1024 * 1024,
         "memory_allocated_to_guests_bytes": allocated_mib * 1024 * 1024,
         "storage_total_bytes": disk.f_blocks * disk.f_frsize,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from appliance.agent import __version__, guests, images
+from appliance.agent.accel import AccelChoice
 from appliance.agent.host import collect_report
 from appliance.agent.model import check_fields, check_int, check_name, parse_guest_spec
 from appliance.agent.policy import Policy
@@ -32,7 +33,7 @@ class ServerContext:
     """What one connection's requests share; the store opens on first use."""
 
     def __init__(
-        self, state_dir: Path, build_info_path: Path, accel: str = "kvm:tcg", policy: Policy | None = None
+        self, state_dir: Path, build_info_path: Path, accel: AccelChoice, policy: Policy | None = None
     ) -> None:
         self.state_dir = state_dir
         self.build_info_path = build_info_path
@@ -67,7 +68,7 @@ def agent_hello(context: ServerContext, params: dict[str, Any]) -> dict[str, Any
 def host_report(context: ServerContext, params: dict[str, Any]) -> dict[str, object]:
     no_params(params)
     report = collect_report(context.build_info_path)
-    return {**report.to_json(), **guests.resources_report(context.host, context.store, report.kvm.usable)}
+    return {**report.to_json(), **guests.resources_report(context.host, context.store)}
 
 
 def guest_name(params: dict[str, Any], extra: set[str] | None = None) -> str:

@@ -1,0 +1,108 @@
+"""Which accelerator QEMU guests get: KVM only when a probe guest really runs under it.
+
+An openable /dev/kvm that answers the KVM API is not enough: some hosts (this
+project's own CI, a PVM host) accept the ioctls and then abort or hang the
+first real vCPU. So the probe boots a 512-byte guest that prints a marker on
+its serial port, under KVM, with a deadline. The runner on the operator's
+machine and the agent on the node share this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+QEMU = "qemu-system-x86_64"
+PROBE_MARKER = b"KVMOK"
+PROBE_SECONDS = 5.0
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+# A 512-byte boot sector that writes PROBE_MARKER to COM1 and halts:
+#   xor ax,ax; mov ds,ax; cld; mov dx,0x3f8; mov si,msg
+#   next: lodsb; test al,al; jz done; out dx,al; jmp next
+#   done: cli; hlt; jmp $-1
+PROBE_CODE = bytes.fromhex("31c08ed8fcbaf803be177cac84c07403eeebf8faf4ebfd") + PROBE_MARKER + b"\r\n\0"
+PROBE_BOOT_SECTOR = PROBE_CODE.ljust(510, b"\0") + b"\x55\xaa"
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    accel: str  # "kvm" or "tcg"
+    reason: str
+
+    @property
+    def cpu(self) -> str:
+        return "host" if self.accel == "kvm" else "max"
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    ran: bool
+    detail: str
+
+
+def run_probe_guest(accel: str, cpu: str, timeout: float, qemu: str = QEMU) -> ProbeResult:
+    """Boot PROBE_BOOT_SECTOR under `accel` and say whether it printed its marker in time."""
+    with tempfile.TemporaryDirectory(prefix="appliance-probe-") as tmp:
+        disk, serial = Path(tmp) / "probe.img", Path(tmp) / "serial.log"
+        disk.write_bytes(PROBE_BOOT_SECTOR)
+        argv = [qemu, "-accel", accel, "-cpu", cpu, "-m", "16", "-nodefaults", "-display", "none", "-no-reboot",
+                "-drive", f"file={disk},format=raw,if=floppy", "-serial", f"file:{serial}"]  # fmt: skip
+        try:
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
+        except OSError as error:
+            return ProbeResult(False, f"cannot start {qemu}: {error.strerror}")
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline and process.poll() is None:
+                if serial.exists() and PROBE_MARKER in serial.read_bytes():
+                    return ProbeResult(True, f"a probe guest ran under {accel}")
+                time.sleep(0.05)
+        finally:
+            process.kill()
+            _, stderr = process.communicate()
+        lines = stderr.decode(errors="replace").strip().splitlines()
+        return ProbeResult(False, lines[0] if lines else f"no output from the probe guest within {timeout:.0f}s")
+
+
+def probe_accel(qemu: str = QEMU, kvm_device: Path = Path("/dev/kvm")) -> AccelChoice:
+    """KVM if a probe guest prints its marker under it within a few seconds, else TCG."""
+    if not os.access(kvm_device, os.R_OK | os.W_OK):
+        return AccelChoice("tcg", f"{kvm_device} is missing or not accessible")
+    probe = run_probe_guest("kvm", "host", PROBE_SECONDS, qemu)
+    if probe.ran:
+        return AccelChoice("kvm", probe.detail)
+    return AccelChoice("tcg", f"KVM cannot run guests here ({probe.detail})")
+
+
+def node_accel(setting: str, cache: Path, boot_id_path: Path = BOOT_ID) -> AccelChoice:
+    """The agent's accelerator: as configured, or ("auto") probed once per boot.
+
+    Every SSH connection runs its own agent, so the probe's answer is kept in
+    `cache` with the boot id it holds for; a reboot (or a new kernel) probes again.
+    """
+    if setting in ("kvm", "tcg"):
+        return AccelChoice(setting, "set in the agent config")
+    boot_id = boot_id_path.read_text().strip()
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("boot_id") == boot_id:
+            return AccelChoice(str(cached["accel"]), str(cached["reason"]))
+    except (OSError, ValueError, KeyError):
+        pass
+    choice = probe_accel()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        staged = cache.with_name(f".{cache.name}.{os.getpid()}")
+        staged.write_text(json.dumps({"boot_id": boot_id, **asdict(choice)}))
+        staged.replace(cache)
+    except OSError:
+        pass  # Not kept: the next connection probes again, nothing worse.
+    return choice
