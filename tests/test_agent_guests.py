@@ -8,6 +8,7 @@ way operators' images do, streamed through image.import.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -179,3 +180,43 @@ def test_a_create_that_committed_before_the_crash_keeps_its_guest(state_dir: Pat
         assert not list((state_dir / "guests" / "g1").glob(".creating-*"))
     finally:
         again.kill()
+
+
+def test_cpu_limits_are_kept_in_the_definition_and_need_systemd_to_change_live(agent: AgentProcess) -> None:
+    agent.result("guest.create", {**GUEST, "vcpus": 2, "cpu_weight": 50})
+    assert agent.result("guest.set_cpu", {"name": "g1", "cpu_quota_percent": 150}) == {
+        "name": "g1",
+        "cpu_weight": 50,
+        "cpu_quota_percent": 150,
+        "applied_live": False,
+    }
+    definition = agent.result("guest.info", {"name": "g1"})["definition"]
+    assert (definition["cpu_weight"], definition["cpu_quota_percent"]) == (50, 150)
+    assert agent.error_code("guest.set_cpu", {"name": "g1", "cpu_quota_percent": 201}) == "invalid_params"
+    assert agent.error_code("guest.set_cpu", {"name": "g1", "cpu_weight": 0}) == "invalid_params"
+    assert agent.error_code("guest.set_cpu", {"name": "g1", "nice": 5}) == "invalid_params"
+
+    agent.result("guest.start", {"name": "g1"})
+    info = agent.result("guest.info", {"name": "g1"})
+    # This machine's PID 1 is not systemd: QEMU is the agent's own daemonized child.
+    assert info["supervisor"] == "process" and "unit" not in info
+    assert agent.error_code("guest.set_cpu", {"name": "g1", "cpu_weight": 200}) == "unsupported"
+
+
+def test_autostart_starts_only_the_guests_marked_for_it(state_dir: Path, tmp_path: Path) -> None:
+    agent = AgentProcess(state_dir)
+    try:
+        agent.result("guest.create", {**GUEST, "name": "boots", "autostart": True})
+        agent.result("guest.create", {**GUEST, "name": "waits"})
+        command = [sys.executable, "-m", "appliance.agent", "--config", str(tmp_path / "none.toml"),
+                   "--state-dir", str(state_dir), "autostart"]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "APPLIANCE_ACCEL": "tcg"})
+        assert result.returncode == 0, result.stderr
+        assert [started["name"] for started in json.loads(result.stdout)] == ["boots"]
+        states = {guest["name"]: guest["state"] for guest in agent.result("guest.list")}
+        assert states == {"boots": "running", "waits": "stopped"}
+    finally:
+        for guest in agent.result("guest.list"):
+            if guest["state"] != "stopped":
+                agent.call("guest.kill", {"name": guest["name"]})
+        agent.kill()

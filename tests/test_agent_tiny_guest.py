@@ -6,6 +6,8 @@ does: it powers off on ACPI, and its balloon driver gives memory back.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,3 +84,15 @@ def test_balloon_takes_memory_back_from_the_guest(agent: AgentProcess) -> None:
     wait_until(lambda: memtotal_lines(agent)[-1] <= before_kib - 60 * 1024, DEADLINE, "the guest's MemTotal to drop")
 
     assert agent.error_code("guest.set_memory", {"name": "tiny", "memory_mib": MEMORY_MIB + 1}) == "invalid_params"
+
+
+def test_unit_exec_stop_powers_the_guest_down_and_says_how(agent: AgentProcess, tmp_path: Path) -> None:
+    """What a guest unit's ExecStop runs; tested here without systemd, as a plain command."""
+    agent.result("guest.start", {"name": "tiny"})
+    wait_until(lambda: TINY_GUEST_MARKER in console(agent), DEADLINE, "the tiny guest's marker")
+    command = [sys.executable, "-m", "appliance.agent", "--config", str(tmp_path / "none.toml"),
+               "--state-dir", str(tmp_path / "state"), "powerdown-guest", "tiny"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE)
+    assert (result.returncode, result.stdout.strip()) == (0, "clean"), result.stderr
+    assert agent.result("guest.info", {"name": "tiny"})["state"] == "stopped"
+    assert (tmp_path / "state" / "guests" / "tiny" / "last-stop").read_text().strip() == "clean"

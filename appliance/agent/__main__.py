@@ -1,4 +1,4 @@
-"""Command line of the node agent: `appliance-agent serve|report|ready`."""
+"""Command line of the node agent: `appliance-agent serve|report|ready|autostart|powerdown-guest`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from pathlib import Path
 
 from appliance.agent.accel import AccelChoice, node_accel
 from appliance.agent.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from appliance.agent.guests import powerdown_guest, start_autostart_guests
 from appliance.agent.host import collect_report
 from appliance.agent.server import ServerContext, serve
+from appliance.agent.units import find_user_manager
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
     verbs.add_parser("report", help="print a JSON report of this host")
     ready = verbs.add_parser("ready", help="print the one-line ready marker (at boot, on the console)")
     ready.add_argument("--console", type=Path, help="write the marker to this device instead of stdout")
+    verbs.add_parser("autostart", help="start every guest marked autostart (at boot)")
+    powerdown = verbs.add_parser(
+        "powerdown-guest", help="ask a guest to power down and wait (the ExecStop of a guest's systemd unit)"
+    )
+    powerdown.add_argument("name")
     return parser
+
+
+def own_command(config: Path, state_dir: Path) -> tuple[str, ...]:
+    """How a guest unit's ExecStop runs this agent again, with the same config and state."""
+    program = Path(sys.argv[0])
+    start = (
+        (str(program.resolve()),) if program.name == "appliance-agent" else (sys.executable, "-m", "appliance.agent")
+    )
+    return (*start, "--config", str(config.resolve()), "--state-dir", str(state_dir.resolve()))
 
 
 ACCEL_CACHE_NAME = "accel-probe.json"
@@ -56,9 +72,23 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(collect_report(config.build_info_path).to_json(), indent=2, sort_keys=True))
         return 0
     accel = node_accel(os.environ.get("APPLIANCE_ACCEL") or config.accel, state_dir / ACCEL_CACHE_NAME)
-    if args.verb == "serve":
-        context = ServerContext(state_dir, config.build_info_path, accel, config.policy)
-        serve(context, sys.stdin.buffer, sys.stdout.buffer)
+    if args.verb in ("serve", "autostart", "powerdown-guest"):
+        context = ServerContext(
+            state_dir,
+            config.build_info_path,
+            accel,
+            config.policy,
+            units=find_user_manager(),
+            agent_command=own_command(args.config, state_dir),
+        )
+        if args.verb == "serve":
+            serve(context, sys.stdin.buffer, sys.stdout.buffer)
+        elif args.verb == "autostart":
+            results = start_autostart_guests(context.host, context.store)
+            print(json.dumps(results))
+            return 1 if any("error" in result for result in results) else 0
+        else:
+            print(powerdown_guest(context.host, args.name))
         return 0
     line = ready_line(config.ready_marker, config.build_info_path, accel)
     if args.console is None:

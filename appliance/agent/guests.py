@@ -4,30 +4,34 @@ Guests are separate processes: QEMU daemonizes with a pid file and a QMP
 socket in the guest's directory, so an agent that restarts (or the next one,
 since every SSH connection runs its own) finds every running guest again from
 those two files. State is never cached: it is read from the pid and QMP.
+On a systemd node the same QEMU runs as the guest's unit (units.py), which
+adds restart policy, cgroup limits and a clean stop at host shutdown.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from appliance.agent.accel import QEMU, AccelChoice
 from appliance.agent.host import read_meminfo
-from appliance.agent.model import GuestSpec, check_name
+from appliance.agent.model import GuestSpec, check_name, parse_cpu_limits
 from appliance.agent.policy import Capacity, Policy, check_create, check_start
 from appliance.agent.processes import live_pid
 from appliance.agent.protocol import AgentError
 from appliance.agent.qmp import QMPClient, QMPError
 from appliance.agent.store import Store
+from appliance.agent.tools import run_tool
+from appliance.agent.units import UserManager, cgroup_limits, set_cpu_live, start_unit, stop_unit, unit_name
 
 QEMU_IMG = "qemu-img"
 CONSOLE_TAIL_MAX = 64 * 1024
@@ -49,6 +53,16 @@ class GuestPaths:
     def console_log(self) -> Path:
         return self.directory / "console.log"
 
+    @property
+    def stop_timeout(self) -> Path:
+        """How long the unit's ExecStop waits for an ACPI power-down (0: not at all)."""
+        return self.directory / "stop-timeout"
+
+    @property
+    def last_stop(self) -> Path:
+        """What the unit's last ExecStop saw: "clean" or "forced"."""
+        return self.directory / "last-stop"
+
     def disk(self, index: int) -> Path:
         return self.directory / f"disk{index}.qcow2"
 
@@ -60,6 +74,14 @@ class Host:
     state_dir: Path
     accel: AccelChoice
     policy: Policy = field(default_factory=Policy)
+    # The user's systemd manager when guests run as units, else None.
+    units: UserManager | None = None
+    # How a unit's ExecStop runs this agent (its config and state dir included).
+    agent_command: tuple[str, ...] = ()
+
+    @property
+    def supervisor(self) -> str:
+        return "systemd" if self.units else "process"
 
     def capacity(self) -> Capacity:
         return Capacity(memory_total_bytes=read_meminfo().get("MemTotal", 0), cpus=os.cpu_count() or 1)
@@ -80,14 +102,6 @@ class Host:
         if not path.is_file():
             raise AgentError("image_not_found", f"no image named {name!r} in the image store")
         return path
-
-
-def run_tool(argv: list[str]) -> str:
-    """The agent's one way to run a program: its stdout, or an agent error with its stderr."""
-    result = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise AgentError("tool_failed", f"{argv[0]} failed: {result.stderr.strip()[-500:]}")
-    return result.stdout
 
 
 def image_format(path: Path) -> str:
@@ -188,8 +202,25 @@ def start_guest(host: Host, store: Store, name: str) -> dict[str, Any]:
     paths.qmp_socket.unlink(missing_ok=True)
     paths.console_log.unlink(missing_ok=True)
     started = time.monotonic()
-    run_tool(qemu_argv(host, spec, paths))
+    if host.units:
+        stop_command = [*host.agent_command, "powerdown-guest", name]
+        start_unit(host.units, spec, qemu_argv(host, spec, paths), paths.pid_file, stop_command)
+    else:
+        run_tool(qemu_argv(host, spec, paths))
     return {"name": name, "pid": running_pid(paths), "seconds": round(time.monotonic() - started, 3)}
+
+
+def start_autostart_guests(host: Host, store: Store) -> list[dict[str, Any]]:
+    """Start every guest marked autostart that is not running; one failure does not stop the rest."""
+    results: list[dict[str, Any]] = []
+    for spec in store.guests():
+        if not spec.autostart or running_pid(host.paths(spec.name)) is not None:
+            continue
+        try:
+            results.append(start_guest(host, store, spec.name))
+        except AgentError as error:
+            results.append({"name": spec.name, "error": error.code, "message": str(error)})
+    return results
 
 
 @contextmanager
@@ -226,15 +257,66 @@ def wait_gone(pid: int, deadline: float) -> bool:
 def stop_guest(host: Host, store: Store, name: str, timeout: float) -> dict[str, Any]:
     """ACPI power-down, then force after `timeout` seconds."""
     store.guest(name)
-    pid = running_pid(host.paths(name))
+    paths = host.paths(name)
+    pid = running_pid(paths)
     if pid is None:
         raise AgentError("guest_not_running", f"guest {name!r} is not running")
+    if host.units:
+        # Through systemd, so a restart policy never brings back a guest an operator stopped.
+        paths.stop_timeout.write_text(f"{timeout}\n")
+        paths.last_stop.unlink(missing_ok=True)
+        stop_unit(host.units, name)
+        forced = paths.last_stop.exists() and paths.last_stop.read_text().strip() != "clean"
+        return {"name": name, "forced": forced}
     with qmp(host, name) as client:
         client.execute("system_powerdown")
     forced = not wait_gone(pid, time.monotonic() + timeout)
     if forced:
         kill_pid(pid)
     return {"name": name, "forced": forced}
+
+
+def powerdown_guest(host: Host, name: str) -> str:
+    """A unit's ExecStop: ACPI power-down and wait, then leave the rest to systemd's SIGTERM.
+
+    Without an agent's stop-timeout (a host shutdown), the guest gets a minute.
+    """
+    paths = host.paths(name)
+    try:
+        timeout = float(paths.stop_timeout.read_text())
+    except (OSError, ValueError):
+        timeout = 60.0
+    paths.stop_timeout.unlink(missing_ok=True)
+    pid = running_pid(paths)
+    outcome = "clean"
+    if pid is not None and timeout > 0:
+        try:
+            with QMPClient(paths.qmp_socket, timeout=5) as client:
+                client.execute("system_powerdown")
+        except QMPError:
+            pass  # QEMU not answering: systemd's SIGTERM follows.
+        if not wait_gone(pid, time.monotonic() + timeout):
+            outcome = "forced"
+    elif pid is not None:
+        outcome = "forced"
+    paths.last_stop.write_text(outcome + "\n")
+    return outcome
+
+
+def set_cpu(host: Host, store: Store, name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Change a guest's CPU weight and quota: kept in its definition, applied live to its unit."""
+    spec = store.guest(name)
+    weight, quota = parse_cpu_limits(params, spec.vcpus, spec.cpu_weight, spec.cpu_quota_percent)
+    running = running_pid(host.paths(name)) is not None
+    if running and not host.units:
+        raise AgentError(
+            "unsupported", "live CPU limits need the guest to run as a systemd unit; this node has no systemd manager"
+        )
+    updated = replace(spec, cpu_weight=weight, cpu_quota_percent=quota)
+    if running and host.units:
+        set_cpu_live(host.units, updated)
+    store.replace_guest(updated)
+    return {"name": name, "cpu_weight": weight, "cpu_quota_percent": quota, "applied_live": running}
 
 
 def set_memory(host: Host, store: Store, name: str, memory_mib: int) -> dict[str, Any]:
@@ -261,8 +343,17 @@ def kill_guest(host: Host, store: Store, name: str) -> dict[str, Any]:
     pid = running_pid(host.paths(name))
     if pid is None:
         raise AgentError("guest_not_running", f"guest {name!r} is not running")
-    kill_pid(pid)
+    force_off(host, name, pid)
     return {"name": name, "killed": True}
+
+
+def force_off(host: Host, name: str, pid: int) -> None:
+    """End QEMU at once; a unit is stopped (no power-down) so its restart policy does not apply."""
+    if host.units:
+        host.paths(name).stop_timeout.write_text("0\n")
+        stop_unit(host.units, name)
+    else:
+        kill_pid(pid)
 
 
 def guest_state(host: Host, name: str) -> tuple[str, int | None]:
@@ -290,6 +381,11 @@ def guest_info(host: Host, store: Store, name: str) -> dict[str, Any]:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         info["cpu_seconds"] = (int(fields[11]) + int(fields[12])) / ticks
         info["memory_actual_mib"] = balloon_actual_mib(paths)
+        info["user"] = pwd.getpwuid(os.stat(f"/proc/{pid}").st_uid).pw_name
+        if host.units:
+            info["unit"] = unit_name(name)
+            info["cgroup"] = cgroup_limits(pid)
+    info["supervisor"] = host.supervisor
     return info
 
 
@@ -321,6 +417,7 @@ def resources_report(host: Host, store: Store) -> dict[str, Any]:
         "storage_total_bytes": disk.f_blocks * disk.f_frsize,
         "storage_free_bytes": disk.f_bavail * disk.f_frsize,
         "guests_by_state": counts,
+        "guest_supervisor": host.supervisor,
         "load": list(os.getloadavg()),
         "policy": asdict(host.policy),
     }
@@ -357,7 +454,7 @@ def delete_guest(host: Host, store: Store, name: str, force: bool, remove_disks:
     if pid is not None:
         if not force:
             raise AgentError("guest_running", f"guest {name!r} is running; stop it first or pass force")
-        kill_pid(pid)
+        force_off(host, name, pid)
     store.remove_guest(name)
     if remove_disks:
         shutil.rmtree(paths.directory, ignore_errors=True)

@@ -17,6 +17,9 @@ MAX_DISK_GIB = 64 * 1024
 MAX_DISKS = 16
 MAX_NICS = 8
 MAX_CMDLINE = 4096
+# cgroup v2 cpu.weight: 1..10000, the kernel's default 100.
+MAX_CPU_WEIGHT = 10000
+DEFAULT_CPU_WEIGHT = 100
 
 
 class RestartPolicy(StrEnum):
@@ -48,6 +51,9 @@ class GuestSpec:
     kernel_boot: KernelBoot | None = None
     autostart: bool = False
     restart: RestartPolicy = RestartPolicy.NEVER
+    # CPU share against other guests, and a hard limit in percent of one CPU (0: none).
+    cpu_weight: int = DEFAULT_CPU_WEIGHT
+    cpu_quota_percent: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,7 +93,9 @@ def check_fields(params: dict[str, Any], allowed: set[str], where: str) -> None:
 
 def parse_guest_spec(params: dict[str, Any]) -> GuestSpec:
     check_fields(
-        params, {"name", "vcpus", "memory_mib", "disks", "nics", "kernel_boot", "autostart", "restart"}, "guest"
+        params,
+        {"name", "vcpus", "memory_mib", "disks", "nics", "kernel_boot", "autostart", "restart"} | CPU_FIELDS,
+        "guest",
     )
     disks_value = params.get("disks", [])
     if not isinstance(disks_value, list) or len(disks_value) > MAX_DISKS:
@@ -101,15 +109,31 @@ def parse_guest_spec(params: dict[str, Any]) -> GuestSpec:
     except ValueError as error:
         raise invalid(f"restart must be one of {', '.join(RestartPolicy)}", "restart") from error
     boot = params.get("kernel_boot")
+    vcpus = check_int(params, "vcpus", 1, MAX_VCPUS, 1)
+    weight, quota = parse_cpu_limits(params, vcpus, DEFAULT_CPU_WEIGHT, 0)
     return GuestSpec(
         name=check_name(params.get("name")),
-        vcpus=check_int(params, "vcpus", 1, MAX_VCPUS, 1),
+        vcpus=vcpus,
         memory_mib=check_int(params, "memory_mib", 16, MAX_MEMORY_MIB),
         disks=disks,
         nics=check_int(params, "nics", 0, MAX_NICS, 0),
         kernel_boot=None if boot is None else parse_kernel_boot(boot),
         autostart=autostart,
         restart=restart,
+        cpu_weight=weight,
+        cpu_quota_percent=quota,
+    )
+
+
+CPU_FIELDS = {"cpu_weight", "cpu_quota_percent"}
+
+
+def parse_cpu_limits(params: dict[str, Any], vcpus: int, weight: int, quota: int) -> tuple[int, int]:
+    """cpu_weight and cpu_quota_percent from params, the given values where absent."""
+    return (
+        check_int(params, "cpu_weight", 1, MAX_CPU_WEIGHT, weight),
+        # More than 100% per vCPU cannot be used, so it is refused rather than kept.
+        check_int(params, "cpu_quota_percent", 0, 100 * vcpus, quota),
     )
 
 
@@ -154,4 +178,7 @@ def guest_spec_from_json(data: dict[str, Any]) -> GuestSpec:
         kernel_boot=KernelBoot(**boot) if boot else None,
         autostart=data["autostart"],
         restart=RestartPolicy(data["restart"]),
+        # Definitions stored before CPU limits existed have neither field.
+        cpu_weight=data.get("cpu_weight", DEFAULT_CPU_WEIGHT),
+        cpu_quota_percent=data.get("cpu_quota_percent", 0),
     )

@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 from appliance.agent import __version__, guests, images
 from appliance.agent.accel import AccelChoice
 from appliance.agent.host import collect_report
-from appliance.agent.model import check_fields, check_int, check_name, parse_guest_spec
+from appliance.agent.model import CPU_FIELDS, check_fields, check_int, check_name, parse_guest_spec
 from appliance.agent.policy import Policy
 from appliance.agent.protocol import (
     INTERNAL_ERROR,
@@ -27,17 +27,26 @@ from appliance.agent.protocol import (
     result_message,
 )
 from appliance.agent.store import Store
+from appliance.agent.units import UserManager
 
 
 class ServerContext:
     """What one connection's requests share; the store opens on first use."""
 
     def __init__(
-        self, state_dir: Path, build_info_path: Path, accel: AccelChoice, policy: Policy | None = None
+        self,
+        state_dir: Path,
+        build_info_path: Path,
+        accel: AccelChoice,
+        policy: Policy | None = None,
+        units: UserManager | None = None,
+        agent_command: tuple[str, ...] = (),
     ) -> None:
         self.state_dir = state_dir
         self.build_info_path = build_info_path
-        self.host = guests.Host(state_dir=state_dir, accel=accel, policy=policy or Policy())
+        self.host = guests.Host(
+            state_dir=state_dir, accel=accel, policy=policy or Policy(), units=units, agent_command=agent_command
+        )
         self._store: Store | None = None
         # The request stream, for methods whose request line is followed by raw data.
         self.requests: BinaryIO | None = None
@@ -99,6 +108,11 @@ def guest_stop(context: ServerContext, params: dict[str, Any]) -> Any:
 def guest_set_memory(context: ServerContext, params: dict[str, Any]) -> Any:
     name = guest_name(params, {"memory_mib"})
     return guests.set_memory(context.host, context.store, name, check_int(params, "memory_mib", 16, 4 * 1024 * 1024))
+
+
+def guest_set_cpu(context: ServerContext, params: dict[str, Any]) -> Any:
+    name = guest_name(params, CPU_FIELDS)
+    return guests.set_cpu(context.host, context.store, name, params)
 
 
 def guest_kill(context: ServerContext, params: dict[str, Any]) -> Any:
@@ -188,6 +202,7 @@ METHODS: dict[str, Method] = {
     "guest.info": guest_info,
     "guest.console": guest_console,
     "guest.set_memory": guest_set_memory,
+    "guest.set_cpu": guest_set_cpu,
 }
 
 

@@ -65,6 +65,16 @@ class Store:
         except sqlite3.IntegrityError as error:
             raise AgentError("guest_exists", f"a guest named {spec.name!r} already exists") from error
 
+    def replace_guest(self, spec: GuestSpec) -> None:
+        with self.transaction() as db:
+            if (
+                db.execute(
+                    "UPDATE guests SET definition = ? WHERE name = ?", (json.dumps(spec.to_json()), spec.name)
+                ).rowcount
+                == 0
+            ):
+                raise AgentError("guest_not_found", f"no guest named {spec.name!r}")
+
     def guest(self, name: str) -> GuestSpec:
         row = self.db.execute("SELECT definition FROM guests WHERE name = ?", (name,)).fetchone()
         if row is None:
