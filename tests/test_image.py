@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
+from appliance.agent.accel import PROBE_BOOT_SECTOR, PROBE_MARKER
+from appliance.client import Node, NodeAddress
 from appliance.pack.budget import MB
 from appliance.render import READY_MARKER
 
@@ -138,3 +141,35 @@ def test_node_booted_without_failed_units_and_the_agent_serves_guests(node: Boot
     assert reply["result"] == []
     console = (node.out_dir / "run" / "serial.log").read_text(errors="replace")
     assert "FAILED" not in console
+
+
+def test_guests_run_as_systemd_units_of_the_agent_user(node: BootedNode, tmp_path: Path) -> None:
+    """Inside the appliance PID 1 is systemd: a nested (TCG in TCG) boot-sector guest runs as its unit."""
+    image = tmp_path / "marker-guest.img"
+    image.write_bytes(PROBE_BOOT_SECTOR.ljust(1 << 20, b"\0"))
+    address = NodeAddress("127.0.0.1", node.ssh_port, "appliance")
+    with Node(address, node.key, known_hosts=tmp_path / "known_hosts", timeout=120) as client:
+        client.push_image(image, "marker-guest")
+        guest = {"name": "unit-g", "memory_mib": 32, "disks": [{"base_image": "marker-guest"}],
+                 "restart": "on-failure", "cpu_weight": 200}  # fmt: skip
+        client.call("guest.create", guest)
+        assert client.call("host.report")["guest_supervisor"] == "systemd"
+        client.call("guest.start", {"name": "unit-g"})
+        wait_until(
+            lambda: PROBE_MARKER.decode() in client.call("guest.console", {"name": "unit-g"})["text"],
+            300,
+            "the nested guest's marker",
+        )
+        info = client.call("guest.info", {"name": "unit-g"})
+        assert info["supervisor"] == "systemd" and info["unit"] == "appliance-guest-unit-g.service"
+        assert info["user"] == "appliance"  # QEMU is never root
+        assert info["cgroup"]["cpu.weight"] == "200" and info["cgroup"]["cpu.max"].startswith("max ")
+
+        client.call("guest.set_cpu", {"name": "unit-g", "cpu_quota_percent": 50})
+        assert client.call("guest.info", {"name": "unit-g"})["cgroup"]["cpu.max"] == "50000 100000"
+
+        # The boot sector ignores ACPI: the unit's ExecStop waits, then systemd ends QEMU, and
+        # the restart policy does not bring back a guest an operator stopped.
+        assert client.call("guest.stop", {"name": "unit-g", "timeout": 2}) == {"name": "unit-g", "forced": True}
+        assert client.call("guest.info", {"name": "unit-g"})["state"] == "stopped"
+        client.call("guest.delete", {"name": "unit-g", "remove_disks": True})
