@@ -22,6 +22,7 @@ from appliance.pack.budget import check_budget
 from appliance.pack.iso import make_iso
 from appliance.pack.live import collect_live_set
 from appliance.pack.manifest import Manifest, describe_artifacts, read_dpkg_manifest, write_manifest
+from appliance.pack.pxe import make_ipxe
 from appliance.progress import Progress
 from appliance.render import BuildIdentity, kernel_cmdline, render_boot_file, render_image_files
 from appliance.spec import Output, Problem, Spec, SpecError, check_public_key
@@ -116,6 +117,8 @@ def build(spec: Spec, out_dir: Path, progress: Progress, cache_dir: Path = DEFAU
         if Output.ISO in spec.outputs:
             iso = make_iso(live, render_boot_file("grub.cfg", spec, identity), staged / f"{spec.name}.iso", spec.name)
             made.append(iso)
+        if Output.PXE in spec.outputs:
+            made.append(make_ipxe(live, spec, identity, staged))
         artifacts = describe_artifacts(made)
         check_budget(artifacts, spec.size_budget_mb)
 

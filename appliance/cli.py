@@ -17,6 +17,7 @@ from appliance.fleet import DEFAULT_CONCURRENCY, HostOutcome, InventoryError, fa
 from appliance.pack.budget import BudgetError
 from appliance.pack.live import PackError
 from appliance.progress import Progress
+from appliance.pxe import CHAIN_SCRIPT, PxeError, read_pxe_set, start_pxe_server
 from appliance.qemu import QemuError, VmPaths, stop_recorded_vm
 from appliance.run import CommandError
 from appliance.spec import SpecError, default_spec_text, load_spec
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_node_verbs(verbs)
     add_fleet_verbs(verbs)
     add_image_verbs(verbs)
+    add_pxe_verbs(verbs)
 
     stop = verbs.add_parser(
         "stop",
@@ -377,6 +379,42 @@ def cmd_boot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def add_pxe_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    pxe = verbs.add_parser(
+        "pxe",
+        formatter_class=HelpFormatter,
+        help="network boot: serve a build's PXE set over HTTP",
+        description="Serve DIR's PXE set (NAME.ipxe, kernel, initrd, squashfs) over HTTP until Ctrl-C.\n"
+        "DHCP and TFTP stay with your own infrastructure: point them (or an iPXE prompt) at boot.ipxe,\n"
+        "which sets base-url to this server and chains NAME.ipxe. The same boot.ipxe is written to\n"
+        "DIR/run/pxe/ for a TFTP server to hand out.",
+        epilog="example:\n  appliance pxe serve out --http-port 8080\n"
+        "  # at an iPXE prompt, or in your DHCP server's iPXE script:\n"
+        "  chain http://BOOT-SERVER:8080/boot.ipxe",
+    )
+    pxe_verbs = pxe.add_subparsers(dest="pxe_verb", required=True, metavar="VERB")
+    serve = pxe_verbs.add_parser("serve", help="serve the PXE set until Ctrl-C")
+    serve.add_argument("dir", type=Path, help="build directory (holds manifest.json and NAME.ipxe)")
+    serve.add_argument("--http-port", type=int, default=8080, help="0 picks a free port (default: %(default)s)")
+    serve.add_argument("--bind", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    serve.add_argument(
+        "--base-url", help="URL the servers being booted reach this one by (default: http://ADDRESS:PORT/)"
+    )
+
+
+def cmd_pxe(args: argparse.Namespace) -> int:
+    pxe = read_pxe_set(args.dir)
+    server = start_pxe_server(pxe, args.bind, args.http_port, args.base_url, lambda line: print(line, flush=True))
+    print(f"serving {', '.join(pxe.files)} from {args.dir}", flush=True)
+    print(f"boot URL: {server.base_url}{CHAIN_SCRIPT}  (iPXE: chain {server.base_url}{CHAIN_SCRIPT})", flush=True)
+    print(f"for TFTP: {server.chain_file}", flush=True)
+    try:
+        server.thread.join()
+    finally:
+        server.close()
+    return EXIT_OK
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     if stop_recorded_vm(VmPaths(args.dir / "run")):
         print(f"stopped the appliance running from {args.dir}")
@@ -395,6 +433,7 @@ COMMANDS = {
     "guest": cmd_node,
     "fleet": cmd_fleet,
     "image": cmd_image,
+    "pxe": cmd_pxe,
 }
 
 
@@ -408,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as error:
         print(f"appliance: invalid spec: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (BuildError, BudgetError, MissingToolsError, PackError, QemuError, CommandError, NodeError) as error:
+    except (
+        BuildError, BudgetError, MissingToolsError, PackError, PxeError, QemuError, CommandError, NodeError
+    ) as error:  # fmt: skip
         print(f"appliance: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ holds the boot loader files the packer needs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,8 +41,9 @@ def _environment(templates_dir: Path) -> jinja2.Environment:
     )
 
 
-def kernel_cmdline(spec: Spec, templates_dir: Path = TEMPLATES_DIR) -> str:
-    text = _environment(templates_dir).get_template("boot/cmdline.j2").render(spec=spec)
+def kernel_cmdline(spec: Spec, templates_dir: Path = TEMPLATES_DIR, fetch_url: str = "") -> str:
+    """The kernel command line; with fetch_url, live-boot downloads the root from there (PXE)."""
+    text = _environment(templates_dir).get_template("boot/cmdline.j2").render(spec=spec, fetch_url=fetch_url)
     return " ".join(text.split())
 
 
@@ -75,12 +77,20 @@ def render_image_files(
     return written
 
 
-def render_boot_file(name: str, spec: Spec, identity: BuildIdentity, templates_dir: Path = TEMPLATES_DIR) -> str:
-    """Render templates/boot/NAME.j2 (grub.cfg, ...) for the packer."""
+def render_boot_file(
+    name: str,
+    spec: Spec,
+    identity: BuildIdentity,
+    templates_dir: Path = TEMPLATES_DIR,
+    values: Mapping[str, object] | None = None,
+) -> str:
+    """Render templates/boot/NAME.j2 (grub.cfg, ...) for the packer; `values` are what the packer
+    alone knows (labels, a file system's serial) on top of the spec's."""
     context = {
         "spec": spec,
         "build": build_info(spec, identity, templates_dir),
         "cmdline": kernel_cmdline(spec, templates_dir),
         "serial_unit": int(spec.console.serial_port.removeprefix("ttyS")),
+        **(values or {}),
     }
     return _environment(templates_dir).get_template(f"boot/{name}.j2").render(context)

@@ -78,7 +78,7 @@ def manifest_of(out_dir: Path) -> dict:  # type: ignore[type-arg]
 def test_manifest_matches_the_files_on_disk(built_appliance: Path) -> None:
     manifest = manifest_of(built_appliance)
     files = {artifact["file"] for artifact in manifest["artifacts"]}
-    assert files == {"appliance.vmlinuz", "appliance.initrd", "appliance.squashfs", "appliance.iso"}
+    assert files == {"appliance.vmlinuz", "appliance.initrd", "appliance.squashfs", "appliance.iso", "appliance.ipxe"}
     for artifact in manifest["artifacts"]:
         path = built_appliance / artifact["file"]
         assert path.stat().st_size == artifact["size_bytes"]
