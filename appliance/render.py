@@ -3,11 +3,13 @@
 Pure: reads templates and writes only below the directory it is given, so it
 is testable without a build. templates/image/ELEMENT/PATH.j2 becomes
 ELEMENT/static/PATH in the elements directory handed to DIB; templates/boot/
-holds the boot loader files the packer needs.
+holds the boot loader files the packer needs, templates/disk/ the disk image's
+partition table.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,12 +77,25 @@ def render_image_files(
     return written
 
 
-def render_boot_file(name: str, spec: Spec, identity: BuildIdentity, templates_dir: Path = TEMPLATES_DIR) -> str:
-    """Render templates/boot/NAME.j2 (grub.cfg, ...) for the packer."""
+def render_boot_file(
+    name: str,
+    spec: Spec,
+    identity: BuildIdentity,
+    templates_dir: Path = TEMPLATES_DIR,
+    values: Mapping[str, object] | None = None,
+) -> str:
+    """Render templates/boot/NAME.j2 (grub.cfg, ...) for the packer; `values` are what the packer
+    alone knows (labels, a file system's serial) on top of the spec's."""
     context = {
         "spec": spec,
         "build": build_info(spec, identity, templates_dir),
         "cmdline": kernel_cmdline(spec, templates_dir),
         "serial_unit": int(spec.console.serial_port.removeprefix("ttyS")),
+        **(values or {}),
     }
     return _environment(templates_dir).get_template(f"boot/{name}.j2").render(context)
+
+
+def render_disk_file(name: str, values: Mapping[str, object], templates_dir: Path = TEMPLATES_DIR) -> str:
+    """Render templates/disk/NAME.j2 (the partition table) from the packer's layout."""
+    return _environment(templates_dir).get_template(f"disk/{name}.j2").render(values)

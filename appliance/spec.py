@@ -48,6 +48,7 @@ class Output(StrEnum):
 
     SQUASHFS = "squashfs"
     ISO = "iso"
+    DISK = "disk"
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class Spec:
     hostname: str = "appliance"
     packages: tuple[str, ...] = ()
     kernel_cmdline: tuple[str, ...] = ("quiet",)
-    outputs: tuple[Output, ...] = (Output.SQUASHFS, Output.ISO)
+    outputs: tuple[Output, ...] = (Output.SQUASHFS, Output.ISO, Output.DISK)
     size_budget_mb: int = 200
     console: Console = field(default_factory=Console)
     ssh: Ssh = field(default_factory=Ssh)
@@ -298,8 +299,8 @@ class _Reader:
                 found.append(Output(item))
             except ValueError:
                 self.problem(f"outputs[{index}]", item, f"one of {allowed}")
-        # The ISO carries the squashfs, so asking for an ISO means building one.
-        if Output.ISO in found and Output.SQUASHFS not in found:
+        # The ISO and the disk carry the squashfs, so asking for either means building one.
+        if (Output.ISO in found or Output.DISK in found) and Output.SQUASHFS not in found:
             found.insert(0, Output.SQUASHFS)
         return tuple(dict.fromkeys(found))
 
