@@ -1,4 +1,10 @@
-"""`appliance boot`: start a built appliance in QEMU, show or await its console."""
+"""`appliance boot`: start a built appliance in QEMU, show or await its console.
+
+From the ISO, or from the disk image: then the node's disk is a copy-on-write
+overlay in DIR/run/ over NAME.raw, kept from boot to boot like a real disk
+(the data partition and SSH host key survive) until the build changes or
+--fresh-disk asks for a new one.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +22,13 @@ from appliance.qemu import (
     RunningVm,
     VmPaths,
     free_local_port,
+    make_disk_overlay,
     start_vm,
 )
 from appliance.render import READY_MARKER
+
+GIB = 1 << 30
+DEFAULT_DISK_GIB = 8
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,9 @@ class BootRequest:
     firmware: str
     memory_mb: int
     cpus: int
+    media: str = "iso"  # or "disk"
+    disk_gib: int = DEFAULT_DISK_GIB  # size of a new disk overlay; the node grows its data partition into it
+    fresh_disk: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,13 +63,39 @@ def read_build(out_dir: Path) -> dict[str, object]:
         ) from error
 
 
-def find_iso(out_dir: Path, manifest: dict[str, object]) -> Path:
+def find_artifact(out_dir: Path, manifest: dict[str, object], suffix: str, output: str) -> Path:
     artifacts = manifest.get("artifacts")
     entries = artifacts if isinstance(artifacts, list) else []
-    isos = [str(entry["file"]) for entry in entries if str(entry.get("file", "")).endswith(".iso")]
-    if not isos:
-        raise QemuError(f'the build in {out_dir} has no ISO (add "iso" to outputs in the spec)')
-    return out_dir / isos[0]
+    found = [str(entry["file"]) for entry in entries if str(entry.get("file", "")).endswith(suffix)]
+    if not found:
+        raise QemuError(f'the build in {out_dir} has no {suffix} file (add "{output}" to outputs in the spec)')
+    return out_dir / found[0]
+
+
+def find_iso(out_dir: Path, manifest: dict[str, object]) -> Path:
+    return find_artifact(out_dir, manifest, ".iso", "iso")
+
+
+def prepare_disk(request: BootRequest, manifest: dict[str, object], paths: VmPaths, say: TextIO) -> Path:
+    """The node's disk: the overlay from an earlier boot of this build, or a new one."""
+    raw = find_artifact(request.out_dir, manifest, ".raw", "disk")
+    build_id = str(manifest.get("build_id", ""))
+    overlay = paths.disk_overlay
+    try:
+        made_over = paths.disk_build_id.read_text().strip()
+    except OSError:
+        made_over = ""
+    if overlay.exists() and not request.fresh_disk:
+        if made_over == build_id:
+            say.write(f"disk: {overlay} from an earlier boot, with its data (--fresh-disk starts over)\n")
+            return overlay
+        # Its backing file was replaced by a newer build: the overlay no longer fits it.
+        say.write(f"disk: {overlay} was made over build {made_over or '(unknown)'}; making a new one\n")
+    size = max(request.disk_gib * GIB, raw.stat().st_size)
+    make_disk_overlay(raw, overlay, size)
+    paths.disk_build_id.write_text(build_id + "\n")
+    say.write(f"disk: new {size / GIB:.1f} GiB overlay {overlay} over {raw.name}\n")
+    return overlay
 
 
 def choose_accel(wanted: str) -> AccelChoice:
@@ -69,22 +108,27 @@ def choose_accel(wanted: str) -> AccelChoice:
 
 
 def boot(request: BootRequest, say: TextIO = sys.stdout) -> BootResult:
-    """Boot the ISO of the build in DIR. With wait, return once ready and leave QEMU running;
-    without, follow the console until Ctrl-C. QEMU is stopped on any error or interrupt."""
+    """Boot the ISO or the disk image of the build in DIR. With wait, return once ready and
+    leave QEMU running; without, follow the console until Ctrl-C. QEMU is stopped on any
+    error or interrupt."""
     manifest = read_build(request.out_dir)
-    iso = find_iso(request.out_dir, manifest)
+    paths = VmPaths(request.out_dir / "run")
+    if request.media == "disk":
+        media = prepare_disk(request, manifest, paths, say)
+    else:
+        media = find_iso(request.out_dir, manifest)
     user = str(manifest.get("ssh_user", "appliance"))
     accel = choose_accel(request.accel)
     say.write(f"accelerator: {accel.accel} ({accel.reason})\n")
     config = BootConfig(
-        iso=iso,
+        media=media,
         accel=accel,
         ssh_port=free_local_port(),
         memory_mb=request.memory_mb,
         cpus=request.cpus,
         firmware=request.firmware,
+        media_kind=request.media,
     )
-    paths = VmPaths(request.out_dir / "run")
     vm = start_vm(config, paths)
     say.write(f"QEMU pid {vm.process.pid}; console log {paths.serial_log}\n")
     example = '{"jsonrpc":"2.0","id":1,"method":"host.report"}'

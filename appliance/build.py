@@ -19,6 +19,7 @@ from appliance.dib import DEFAULT_CACHE_DIR, build_invocation, run_dib
 from appliance.layout import AGENT_DIR, ELEMENTS_DIR, TEMPLATES_DIR
 from appliance.mirrors import host_mirrors
 from appliance.pack.budget import check_budget
+from appliance.pack.disk import make_disk
 from appliance.pack.iso import make_iso
 from appliance.pack.live import collect_live_set
 from appliance.pack.manifest import Manifest, describe_artifacts, read_dpkg_manifest, write_manifest
@@ -27,7 +28,10 @@ from appliance.progress import Progress
 from appliance.render import BuildIdentity, kernel_cmdline, render_boot_file, render_image_files
 from appliance.spec import Output, Problem, Spec, SpecError, check_public_key
 
-REQUIRED_TOOLS = ("debootstrap", "mksquashfs", "grub-mkrescue", "xorriso", "mformat", "qemu-img", "sudo")
+REQUIRED_TOOLS = (
+    "debootstrap", "mksquashfs", "grub-mkrescue", "grub-mkimage", "grub-editenv", "xorriso", "mformat", "mcopy",
+    "mkfs.vfat", "mke2fs", "sfdisk", "qemu-img", "sudo",
+)  # fmt: skip
 
 
 class MissingToolsError(Exception):
@@ -119,6 +123,9 @@ def build(spec: Spec, out_dir: Path, progress: Progress, cache_dir: Path = DEFAU
             made.append(iso)
         if Output.PXE in spec.outputs:
             made.append(make_ipxe(live, spec, identity, staged))
+        if Output.DISK in spec.outputs:
+            disk = make_disk(live, spec, identity, staged)
+            made += [disk.raw, disk.qcow2]
         artifacts = describe_artifacts(made)
         check_budget(artifacts, spec.size_budget_mb)
 

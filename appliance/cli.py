@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from appliance import __version__
-from appliance.boot import BootRequest, boot
+from appliance.boot import DEFAULT_DISK_GIB, BootRequest, boot
 from appliance.build import MissingToolsError, build, read_key_files
 from appliance.client import DEFAULT_KNOWN_HOSTS, Node, NodeAddress, NodeError, parse_address
 from appliance.dib import DEFAULT_CACHE_DIR, BuildError
@@ -90,10 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
         "boot",
         formatter_class=HelpFormatter,
         help="boot a built appliance in QEMU",
-        description="Boot DIR's ISO in QEMU (KVM when it really works here, else TCG),\n"
+        description="Boot DIR's ISO or disk image in QEMU (KVM when it really works here, else TCG),\n"
         "serial console to DIR/run/serial.log,\n"
-        "SSH forwarded to a free port on 127.0.0.1. Without --wait the console is shown until Ctrl-C.",
-        epilog="example:\n  appliance boot out --wait\n  appliance stop out",
+        "SSH forwarded to a free port on 127.0.0.1. Without --wait the console is shown until Ctrl-C.\n"
+        "With --media disk the node's disk is DIR/run/disk.qcow2, copy-on-write over NAME.raw and kept\n"
+        "from boot to boot (data and SSH host key survive) until the build changes or --fresh-disk.",
+        epilog="example:\n"
+        "  appliance boot out --wait\n"
+        "  appliance boot out --media disk --uefi --wait\n"
+        "  appliance stop out",
     )
     boot_cmd.add_argument("dir", type=Path, help="build directory (holds manifest.json)")
     boot_cmd.add_argument("--wait", action="store_true", help="return once the node is ready, leaving QEMU running")
@@ -106,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     boot_cmd.add_argument("--uefi", action="store_true", help="boot with UEFI firmware (OVMF) instead of SeaBIOS")
     boot_cmd.add_argument("--memory", type=int, default=2048, metavar="MB", help="guest memory (default: %(default)s)")
     boot_cmd.add_argument("--cpus", type=int, default=2, help="guest vCPUs (default: %(default)s)")
+    boot_cmd.add_argument(
+        "--media", choices=("iso", "disk"), default="iso", help="boot the ISO or the disk image (default: %(default)s)"
+    )
+    boot_cmd.add_argument(
+        "--disk-size",
+        type=int,
+        default=DEFAULT_DISK_GIB,
+        metavar="GIB",
+        help="size of a new disk; the node grows its data partition into it (default: %(default)s)",
+    )
+    boot_cmd.add_argument(
+        "--fresh-disk", action="store_true", help="start from the image again, dropping the node's data"
+    )
 
     add_node_verbs(verbs)
     add_fleet_verbs(verbs)
@@ -370,6 +388,9 @@ def cmd_boot(args: argparse.Namespace) -> int:
         firmware="uefi" if args.uefi else "bios",
         memory_mb=args.memory,
         cpus=args.cpus,
+        media=args.media,
+        disk_gib=args.disk_size,
+        fresh_disk=args.fresh_disk,
     )
     result = boot(request)
     if args.wait:

@@ -17,6 +17,9 @@ from pathlib import Path
 
 from appliance.agent.accel import QEMU, AccelChoice
 from appliance.agent.processes import live_pid
+from appliance.run import CommandError, run
+
+STOP_SECONDS = 15.0
 
 
 class QemuError(Exception):
@@ -52,15 +55,37 @@ class VmPaths:
     def ssh_port_file(self) -> Path:
         return self.run_dir / "ssh-port"
 
+    @property
+    def disk_overlay(self) -> Path:
+        """The node's disk: copy-on-write over the built image, which stays pristine."""
+        return self.run_dir / "disk.qcow2"
+
+    @property
+    def disk_build_id(self) -> Path:
+        """Which build the overlay was made over (a rebuild replaces its backing file)."""
+        return self.run_dir / "disk.build-id"
+
 
 @dataclass(frozen=True)
 class BootConfig:
-    iso: Path
+    media: Path  # an ISO, or for media_kind "disk" a qcow2 disk
     accel: AccelChoice
     ssh_port: int
     memory_mb: int = 2048
     cpus: int = 2
     firmware: str = "bios"  # or "uefi"
+    media_kind: str = "iso"  # or "disk"
+
+
+def make_disk_overlay(backing: Path, overlay: Path, size_bytes: int) -> None:
+    """A qcow2 over BACKING (raw), SIZE_BYTES large: the guest writes into it, never into the image."""
+    overlay.parent.mkdir(parents=True, exist_ok=True)
+    overlay.unlink(missing_ok=True)
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing.resolve()), "-F", "raw"]
+    try:
+        run([*argv, str(overlay), str(size_bytes)])
+    except CommandError as error:
+        raise QemuError(f"cannot make the disk overlay {overlay}: {error.output_tail}") from error
 
 
 def find_ovmf() -> tuple[Path, Path]:
@@ -91,10 +116,7 @@ def qemu_argv(config: BootConfig, paths: VmPaths) -> list[str]:
         "none",
         "-serial",
         f"file:{paths.serial_log}",
-        "-drive",
-        f"file={config.iso},media=cdrom,readonly=on,if=ide",
-        "-boot",
-        "d",
+        *media_argv(config),
         "-netdev",
         f"user,id=net0,hostfwd=tcp:127.0.0.1:{config.ssh_port}-:22",
         "-device",
@@ -115,6 +137,19 @@ def qemu_argv(config: BootConfig, paths: VmPaths) -> list[str]:
             f"if=pflash,format=raw,unit=1,file={own_vars}",
         ]
     return argv
+
+
+def media_argv(config: BootConfig) -> list[str]:
+    if config.media_kind == "disk":
+        # virtio-blk, as most servers' disks are not IDE; bootindex makes it the
+        # first choice of SeaBIOS and OVMF alike.
+        return [
+            "-drive",
+            f"file={config.media},format=qcow2,if=none,id=disk0,discard=unmap",
+            "-device",
+            "virtio-blk-pci,drive=disk0,bootindex=0",
+        ]
+    return ["-drive", f"file={config.media},media=cdrom,readonly=on,if=ide", "-boot", "d"]
 
 
 class RunningVm:
@@ -159,8 +194,8 @@ class RunningVm:
 
 def start_vm(config: BootConfig, paths: VmPaths) -> RunningVm:
     """Start QEMU in its own session so it can outlive this process (boot --wait)."""
-    if not config.iso.is_file():
-        raise QemuError(f"no ISO at {config.iso} (build one with `appliance build`)")
+    if not config.media.is_file():
+        raise QemuError(f"no {config.media_kind} at {config.media} (build one with `appliance build`)")
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     paths.serial_log.unlink(missing_ok=True)
     paths.ssh_port_file.write_text(f"{config.ssh_port}\n")
@@ -187,5 +222,23 @@ def stop_recorded_vm(paths: VmPaths) -> bool:
     except ProcessLookupError:
         paths.pid_file.unlink(missing_ok=True)
         return False
+    # Wait for it to go: the next boot of the same disk needs QEMU's lock on it.
+    if not wait_gone(pid, STOP_SECONDS):
+        os.kill(pid, signal.SIGKILL)
+        wait_gone(pid, STOP_SECONDS)
     paths.pid_file.unlink(missing_ok=True)
     return True
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """True once `pid` no longer runs QEMU (gone, a zombie, or the pid reused)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return True
+        if QEMU.encode() not in command_line:
+            return True
+        time.sleep(0.1)
+    return False

@@ -48,6 +48,7 @@ class Output(StrEnum):
 
     SQUASHFS = "squashfs"
     ISO = "iso"
+    DISK = "disk"
     PXE = "pxe"
 
 
@@ -102,7 +103,7 @@ class Spec:
     hostname: str = "appliance"
     packages: tuple[str, ...] = ()
     kernel_cmdline: tuple[str, ...] = ("quiet",)
-    outputs: tuple[Output, ...] = (Output.SQUASHFS, Output.ISO, Output.PXE)
+    outputs: tuple[Output, ...] = (Output.SQUASHFS, Output.ISO, Output.DISK, Output.PXE)
     size_budget_mb: int = 200
     console: Console = field(default_factory=Console)
     ssh: Ssh = field(default_factory=Ssh)
@@ -299,8 +300,8 @@ class _Reader:
                 found.append(Output(item))
             except ValueError:
                 self.problem(f"outputs[{index}]", item, f"one of {allowed}")
-        # The ISO carries the squashfs and PXE serves it, so asking for either means building one.
-        if (Output.ISO in found or Output.PXE in found) and Output.SQUASHFS not in found:
+        # The ISO and the disk carry the squashfs and PXE serves it, so asking for any means building one.
+        if {Output.ISO, Output.DISK, Output.PXE} & set(found) and Output.SQUASHFS not in found:
             found.insert(0, Output.SQUASHFS)
         return tuple(dict.fromkeys(found))
 

@@ -44,7 +44,9 @@ def test_node_accel_set_in_config_is_not_probed(tmp_path: Path) -> None:
 
 
 def test_qemu_argv_boots_the_iso_with_ssh_forwarded(tmp_path: Path) -> None:
-    config = BootConfig(iso=tmp_path / "a.iso", accel=AccelChoice("tcg", "test"), ssh_port=2222, memory_mb=1024, cpus=1)
+    config = BootConfig(
+        media=tmp_path / "a.iso", accel=AccelChoice("tcg", "test"), ssh_port=2222, memory_mb=1024, cpus=1
+    )
     argv = qemu_argv(config, VmPaths(tmp_path / "run"))
     joined = " ".join(argv)
     assert "q35,accel=tcg" in joined and "-cpu max" in joined
@@ -57,7 +59,16 @@ def test_qemu_argv_boots_the_iso_with_ssh_forwarded(tmp_path: Path) -> None:
 def test_uefi_boot_uses_a_private_copy_of_the_ovmf_variables(tmp_path: Path) -> None:
     paths = VmPaths(tmp_path / "run")
     paths.run_dir.mkdir()
-    config = BootConfig(iso=tmp_path / "a.iso", accel=AccelChoice("tcg", "test"), ssh_port=2222, firmware="uefi")
+    config = BootConfig(media=tmp_path / "a.iso", accel=AccelChoice("tcg", "test"), ssh_port=2222, firmware="uefi")
     joined = " ".join(qemu_argv(config, paths))
     assert "if=pflash" in joined and "readonly=on" in joined
     assert (paths.run_dir / "OVMF_VARS.fd").exists()
+
+
+def test_qemu_argv_boots_a_disk_from_virtio_first(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.qcow2"
+    config = BootConfig(media=disk, accel=AccelChoice("tcg", "test"), ssh_port=2222, media_kind="disk")
+    joined = " ".join(qemu_argv(config, VmPaths(tmp_path / "run")))
+    assert f"file={disk},format=qcow2,if=none,id=disk0" in joined
+    assert "virtio-blk-pci,drive=disk0,bootindex=0" in joined
+    assert "media=cdrom" not in joined

@@ -170,3 +170,9 @@ def test_extra_keys_are_added_without_duplicates(public_key: str) -> None:
 def test_digest_follows_content() -> None:
     assert Spec().digest() == parse_spec("", "t").digest()
     assert Spec().digest() != parse_spec('hostname = "other"', "t").digest()
+
+
+def test_a_disk_brings_the_squashfs_it_carries() -> None:
+    spec = parse_spec('outputs = ["disk"]', "t")
+    assert spec.outputs == (Output.SQUASHFS, Output.DISK)
+    assert Output.DISK in Spec().outputs

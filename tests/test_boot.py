@@ -1,0 +1,76 @@
+"""boot.py's disk overlay: made over NAME.raw, kept from boot to boot, replaced when the build changes."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from appliance.boot import GIB, BootRequest, prepare_disk
+from appliance.qemu import QemuError, VmPaths
+
+
+def write_build(out_dir: Path, build_id: str, outputs: tuple[str, ...] = ("appliance.raw",)) -> dict[str, object]:
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "appliance.raw").write_bytes(b"\0" * 1024 * 1024)
+    manifest = {"build_id": build_id, "artifacts": [{"file": name} for name in outputs]}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def request(out_dir: Path, **changes: object) -> BootRequest:
+    fields: dict[str, object] = {
+        "out_dir": out_dir, "wait": True, "timeout": 1.0, "accel": "tcg", "firmware": "bios",
+        "memory_mb": 512, "cpus": 1, "media": "disk", "disk_gib": 2,
+    }  # fmt: skip
+    fields.update(changes)
+    return BootRequest(**fields)  # type: ignore[arg-type]
+
+
+def virtual_size(image: Path) -> int:
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(image)],
+                                     capture_output=True, check=True).stdout)  # fmt: skip
+    return int(info["virtual-size"])
+
+
+def test_a_new_disk_is_an_overlay_over_the_raw_image_of_the_asked_size(tmp_path: Path) -> None:
+    manifest = write_build(tmp_path, "b1")
+    paths = VmPaths(tmp_path / "run")
+    say = io.StringIO()
+    overlay = prepare_disk(request(tmp_path), manifest, paths, say)
+    assert overlay == paths.disk_overlay and virtual_size(overlay) == 2 * GIB
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(overlay)],
+                                     capture_output=True, check=True).stdout)  # fmt: skip
+    assert info["backing-filename"] == str((tmp_path / "appliance.raw").resolve())
+    assert "new 2.0 GiB overlay" in say.getvalue()
+
+
+def test_the_disk_is_kept_across_boots_of_the_same_build(tmp_path: Path) -> None:
+    manifest = write_build(tmp_path, "b1")
+    paths = VmPaths(tmp_path / "run")
+    overlay = prepare_disk(request(tmp_path), manifest, paths, io.StringIO())
+    overlay.write_bytes(overlay.read_bytes())  # the node wrote to it
+    stamp = overlay.stat().st_mtime_ns
+    say = io.StringIO()
+    assert prepare_disk(request(tmp_path), manifest, paths, say) == overlay
+    assert overlay.stat().st_mtime_ns == stamp and "from an earlier boot" in say.getvalue()
+
+
+def test_a_new_build_or_fresh_disk_starts_over(tmp_path: Path) -> None:
+    paths = VmPaths(tmp_path / "run")
+    prepare_disk(request(tmp_path), write_build(tmp_path, "b1"), paths, io.StringIO())
+    say = io.StringIO()
+    prepare_disk(request(tmp_path, disk_gib=3), write_build(tmp_path, "b2"), paths, say)
+    assert "made over build b1" in say.getvalue() and virtual_size(paths.disk_overlay) == 3 * GIB
+    say = io.StringIO()
+    prepare_disk(request(tmp_path, fresh_disk=True), write_build(tmp_path, "b2"), paths, say)
+    assert "new" in say.getvalue() and "earlier boot" not in say.getvalue()
+
+
+def test_a_build_without_a_disk_says_which_output_to_add(tmp_path: Path) -> None:
+    manifest = write_build(tmp_path, "b1", outputs=("appliance.iso",))
+    with pytest.raises(QemuError, match='add "disk" to outputs'):
+        prepare_disk(request(tmp_path), manifest, VmPaths(tmp_path / "run"), io.StringIO())
