@@ -16,6 +16,7 @@ from typing import TextIO
 
 from appliance.agent.accel import AccelChoice, probe_accel
 from appliance.pack.manifest import load_manifest
+from appliance.pxe import PxeServer, read_pxe_set, start_pxe_server
 from appliance.qemu import (
     BootConfig,
     QemuError,
@@ -40,7 +41,7 @@ class BootRequest:
     firmware: str
     memory_mb: int
     cpus: int
-    media: str = "iso"  # or "disk"
+    media: str = "iso"  # or "disk", "pxe"
     disk_gib: int = DEFAULT_DISK_GIB  # size of a new disk overlay; the node grows its data partition into it
     fresh_disk: bool = False
 
@@ -98,6 +99,19 @@ def prepare_disk(request: BootRequest, manifest: dict[str, object], paths: VmPat
     return overlay
 
 
+# What QEMU's user network calls the host's loopback, seen from the guest.
+QEMU_HOST_ADDRESS = "10.0.2.2"
+
+
+def serve_pxe_to_qemu(out_dir: Path, say: TextIO) -> PxeServer:
+    """The build's PXE set over HTTP on 127.0.0.1, at the URL the guest reaches it by."""
+    pxe = read_pxe_set(out_dir)
+    port = free_local_port()
+    server = start_pxe_server(pxe, "127.0.0.1", port, f"http://{QEMU_HOST_ADDRESS}:{port}/", lambda line: None)
+    say.write(f"pxe: serving {', '.join(pxe.files)} at {server.base_url} (127.0.0.1:{port})\n")
+    return server
+
+
 def choose_accel(wanted: str) -> AccelChoice:
     if wanted == "tcg":
         return AccelChoice("tcg", "asked for with --accel tcg")
@@ -113,8 +127,12 @@ def boot(request: BootRequest, say: TextIO = sys.stdout) -> BootResult:
     error or interrupt."""
     manifest = read_build(request.out_dir)
     paths = VmPaths(request.out_dir / "run")
+    pxe_server: PxeServer | None = None
     if request.media == "disk":
         media = prepare_disk(request, manifest, paths, say)
+    elif request.media == "pxe":
+        pxe_server = serve_pxe_to_qemu(request.out_dir, say)
+        media = pxe_server.chain_file
     else:
         media = find_iso(request.out_dir, manifest)
     user = str(manifest.get("ssh_user", "appliance"))
@@ -129,7 +147,12 @@ def boot(request: BootRequest, say: TextIO = sys.stdout) -> BootResult:
         firmware=request.firmware,
         media_kind=request.media,
     )
-    vm = start_vm(config, paths)
+    try:
+        vm = start_vm(config, paths)
+    except BaseException:
+        if pxe_server:
+            pxe_server.close()
+        raise
     say.write(f"QEMU pid {vm.process.pid}; console log {paths.serial_log}\n")
     example = '{"jsonrpc":"2.0","id":1,"method":"host.report"}'
     say.write(f"ask the node's agent: echo '{example}' | ssh -p {config.ssh_port} {user}@127.0.0.1\n")
@@ -142,6 +165,10 @@ def boot(request: BootRequest, say: TextIO = sys.stdout) -> BootResult:
     except BaseException:
         vm.stop()
         raise
+    finally:
+        # Once ready the node holds its root in RAM: the server is no longer needed.
+        if pxe_server:
+            pxe_server.close()
     return BootResult(ssh_port=config.ssh_port, accel=accel, seconds_to_ready=seconds, paths=paths, pid=vm.process.pid)
 
 

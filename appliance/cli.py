@@ -94,10 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         "serial console to DIR/run/serial.log,\n"
         "SSH forwarded to a free port on 127.0.0.1. Without --wait the console is shown until Ctrl-C.\n"
         "With --media disk the node's disk is DIR/run/disk.qcow2, copy-on-write over NAME.raw and kept\n"
-        "from boot to boot (data and SSH host key survive) until the build changes or --fresh-disk.",
+        "from boot to boot (data and SSH host key survive) until the build changes or --fresh-disk.\n"
+        "With --media pxe QEMU's own DHCP and TFTP hand the NIC's iPXE the chain script, and the PXE set\n"
+        "is served over HTTP on 127.0.0.1 (as `appliance pxe serve` does) until the node is ready.",
         epilog="example:\n"
         "  appliance boot out --wait\n"
         "  appliance boot out --media disk --uefi --wait\n"
+        "  appliance boot out --media pxe --wait\n"
         "  appliance stop out",
     )
     boot_cmd.add_argument("dir", type=Path, help="build directory (holds manifest.json)")
@@ -112,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     boot_cmd.add_argument("--memory", type=int, default=2048, metavar="MB", help="guest memory (default: %(default)s)")
     boot_cmd.add_argument("--cpus", type=int, default=2, help="guest vCPUs (default: %(default)s)")
     boot_cmd.add_argument(
-        "--media", choices=("iso", "disk"), default="iso", help="boot the ISO or the disk image (default: %(default)s)"
+        "--media",
+        choices=("iso", "disk", "pxe"),
+        default="iso",
+        help="boot the ISO, the disk image or the PXE set (default: %(default)s)",
     )
     boot_cmd.add_argument(
         "--disk-size",

@@ -68,13 +68,13 @@ class VmPaths:
 
 @dataclass(frozen=True)
 class BootConfig:
-    media: Path  # an ISO, or for media_kind "disk" a qcow2 disk
+    media: Path  # an ISO; for media_kind "disk" a qcow2 disk; for "pxe" the iPXE script TFTP hands out
     accel: AccelChoice
     ssh_port: int
     memory_mb: int = 2048
     cpus: int = 2
     firmware: str = "bios"  # or "uefi"
-    media_kind: str = "iso"  # or "disk"
+    media_kind: str = "iso"  # or "disk", "pxe"
 
 
 def make_disk_overlay(backing: Path, overlay: Path, size_bytes: int) -> None:
@@ -117,10 +117,7 @@ def qemu_argv(config: BootConfig, paths: VmPaths) -> list[str]:
         "-serial",
         f"file:{paths.serial_log}",
         *media_argv(config),
-        "-netdev",
-        f"user,id=net0,hostfwd=tcp:127.0.0.1:{config.ssh_port}-:22",
-        "-device",
-        "virtio-net-pci,netdev=net0,romfile=",
+        *network_argv(config),
         "-device",
         "virtio-rng-pci",
         "-pidfile",
@@ -149,7 +146,21 @@ def media_argv(config: BootConfig) -> list[str]:
             "-device",
             "virtio-blk-pci,drive=disk0,bootindex=0",
         ]
+    if config.media_kind == "pxe":
+        return []
     return ["-drive", f"file={config.media},media=cdrom,readonly=on,if=ide", "-boot", "d"]
+
+
+def network_argv(config: BootConfig) -> list[str]:
+    netdev = f"user,id=net0,hostfwd=tcp:127.0.0.1:{config.ssh_port}-:22"
+    # No option ROM unless booting from the network: iPXE only slows other boots.
+    nic = "virtio-net-pci,netdev=net0,romfile="
+    if config.media_kind == "pxe":
+        # QEMU's own DHCP and TFTP hand the NIC's iPXE the chain script, as a
+        # site's DHCP/TFTP would; the rest comes over HTTP from the host.
+        netdev += f",tftp={config.media.parent},bootfile={config.media.name}"
+        nic = "virtio-net-pci,netdev=net0,bootindex=0"
+    return ["-netdev", netdev, "-device", nic]
 
 
 class RunningVm:

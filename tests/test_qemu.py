@@ -72,3 +72,14 @@ def test_qemu_argv_boots_a_disk_from_virtio_first(tmp_path: Path) -> None:
     assert f"file={disk},format=qcow2,if=none,id=disk0" in joined
     assert "virtio-blk-pci,drive=disk0,bootindex=0" in joined
     assert "media=cdrom" not in joined
+
+
+def test_qemu_argv_boots_from_the_network_with_qemu_tftp_handing_out_the_script(tmp_path: Path) -> None:
+    script = tmp_path / "run" / "pxe" / "boot.ipxe"
+    config = BootConfig(media=script, accel=AccelChoice("tcg", "test"), ssh_port=2222, media_kind="pxe")
+    argv = qemu_argv(config, VmPaths(tmp_path / "run"))
+    netdev = argv[argv.index("-netdev") + 1]
+    assert netdev == f"user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,tftp={script.parent},bootfile=boot.ipxe"
+    # The NIC keeps QEMU's iPXE ROM (other boots drop it) and is the first boot device.
+    assert "virtio-net-pci,netdev=net0,bootindex=0" in argv
+    assert not any("media=cdrom" in arg or "virtio-blk" in arg for arg in argv)
