@@ -20,6 +20,7 @@ from appliance.progress import Progress
 from appliance.pxe import CHAIN_SCRIPT, PxeError, read_pxe_set, start_pxe_server
 from appliance.qemu import QemuError, VmPaths, stop_recorded_vm
 from appliance.run import CommandError
+from appliance.selftest import SelftestError, SelftestOptions, selftest
 from appliance.spec import SpecError, default_spec_text, load_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -136,13 +137,48 @@ def build_parser() -> argparse.ArgumentParser:
     add_image_verbs(verbs)
     add_pxe_verbs(verbs)
 
+    selftest_cmd = verbs.add_parser(
+        "selftest",
+        formatter_class=HelpFormatter,
+        help="check a build end to end: boot, SSH, a nested guest, agent restart, reboot",
+        description="Boot DIR in QEMU and check it as an operator would, printing each step with its time:\n"
+        "the host report over SSH, a tiny guest image pushed, an autostart guest created and started\n"
+        "inside the node (its console marker seen), a new agent finding it still running; and from\n"
+        "the disk image, a shutdown and boot finding the guest running again and the same host key.\n"
+        "QEMU is stopped at the end, and the node's disk overlay in DIR/run is made anew.",
+        epilog="example:\n  appliance selftest out --key ~/.ssh/id_ed25519",
+    )
+    selftest_cmd.add_argument("dir", type=Path, help="build directory (built with --authorized-key KEY.pub)")
+    selftest_cmd.add_argument(
+        "--key", type=Path, default=DEFAULT_KEY, help="operator private key (default: %(default)s)"
+    )
+    selftest_cmd.add_argument(
+        "--media",
+        choices=("auto", "disk", "iso"),
+        default="auto",
+        help="boot the disk image (with the reboot check) or the ISO; auto: the disk if built (default)",
+    )
+    selftest_cmd.add_argument("--boot-timeout", type=float, default=900.0, help="seconds (default: %(default)s)")
+    selftest_cmd.add_argument(
+        "--guest-timeout", type=float, default=300.0, help="seconds for the nested guest (default: %(default)s)"
+    )
+
     stop = verbs.add_parser(
         "stop",
         formatter_class=HelpFormatter,
         help="stop the QEMU started by `appliance boot --wait`",
-        epilog="example:\n  appliance stop out",
+        description="Stop the node booted from DIR. By default QEMU ends at once, like pulling the plug;\n"
+        "--shutdown first presses the node's power button (ACPI) and waits for it to power off.",
+        epilog="example:\n  appliance stop out\n  appliance stop out --shutdown 120",
     )
     stop.add_argument("dir", type=Path, help="build directory")
+    stop.add_argument(
+        "--shutdown",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="ask the node to shut down and wait this long before ending QEMU",
+    )
     return parser
 
 
@@ -442,8 +478,26 @@ def cmd_pxe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_selftest(args: argparse.Namespace) -> int:
+    options = SelftestOptions(
+        out_dir=args.dir,
+        key=args.key,
+        media=args.media,
+        boot_timeout=args.boot_timeout,
+        guest_timeout=args.guest_timeout,
+    )
+    try:
+        report = selftest(options, sys.stdout)
+    except SelftestError as error:
+        print(f"appliance: selftest failed: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    total = sum(seconds for _, seconds in report.steps)
+    print(f"selftest passed: {len(report.steps)} steps in {total:.0f}s")
+    return EXIT_OK
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
-    if stop_recorded_vm(VmPaths(args.dir / "run")):
+    if stop_recorded_vm(VmPaths(args.dir / "run"), args.shutdown):
         print(f"stopped the appliance running from {args.dir}")
     else:
         print(f"no appliance running from {args.dir}")
@@ -461,6 +515,7 @@ COMMANDS = {
     "fleet": cmd_fleet,
     "image": cmd_image,
     "pxe": cmd_pxe,
+    "selftest": cmd_selftest,
 }
 
 

@@ -167,6 +167,13 @@ class Node:
                 f"(remove the line from {self.known_hosts} if the node was reinstalled)"
             )
 
+    def host_key_fingerprint(self) -> str:
+        """SHA256 fingerprint of the key the node presented (connects if needed)."""
+        if self._transport is None:
+            self.connect()
+        assert self._transport is not None
+        return fingerprint(self._transport.get_remote_server_key())
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()

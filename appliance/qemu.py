@@ -17,6 +17,7 @@ from pathlib import Path
 
 from appliance.agent.accel import QEMU, AccelChoice
 from appliance.agent.processes import live_pid
+from appliance.agent.qmp import QMPClient, QMPError
 from appliance.run import CommandError, run
 
 STOP_SECONDS = 15.0
@@ -24,6 +25,15 @@ STOP_SECONDS = 15.0
 
 class QemuError(Exception):
     """QEMU could not be started, died, or the guest never became ready."""
+
+
+def request_powerdown(paths: VmPaths) -> bool:
+    try:
+        with QMPClient(paths.qmp_socket, timeout=10) as client:
+            client.execute("system_powerdown")
+    except QMPError:
+        return False
+    return True
 
 
 def free_local_port() -> int:
@@ -50,6 +60,10 @@ class VmPaths:
     @property
     def qemu_log(self) -> Path:
         return self.run_dir / "qemu.log"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
 
     @property
     def ssh_port_file(self) -> Path:
@@ -122,6 +136,8 @@ def qemu_argv(config: BootConfig, paths: VmPaths) -> list[str]:
         "virtio-rng-pci",
         "-pidfile",
         str(paths.pid_file),
+        "-qmp",
+        f"unix:{paths.qmp_socket},server=on,wait=off",
     ]
     if config.firmware == "uefi":
         code, variables = find_ovmf()
@@ -221,13 +237,21 @@ def start_vm(config: BootConfig, paths: VmPaths) -> RunningVm:
     return RunningVm(process, paths, config, time.monotonic())
 
 
-def stop_recorded_vm(paths: VmPaths) -> bool:
-    """Stop the QEMU recorded in DIR/run/qemu.pid; False when none was running."""
+def stop_recorded_vm(paths: VmPaths, shutdown_timeout: float = 0.0) -> bool:
+    """Stop the QEMU recorded in DIR/run/qemu.pid; False when none was running.
+
+    With a shutdown_timeout the node is first asked to shut down (ACPI power
+    button, through QEMU's QMP socket) and given that long; then, or without
+    one, QEMU is ended at once: a power cut.
+    """
     # Only our QEMU: a stale pid file may name a process that reused the pid.
     pid = live_pid(paths.pid_file, QEMU, str(paths.pid_file))
     if pid is None:
         paths.pid_file.unlink(missing_ok=True)
         return False
+    if shutdown_timeout > 0 and request_powerdown(paths) and wait_gone(pid, shutdown_timeout):
+        paths.pid_file.unlink(missing_ok=True)
+        return True
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
