@@ -109,3 +109,20 @@ def test_the_node_keeps_its_host_key_and_state_across_a_reboot_on_a_grown_disk(
     assert second.host_key == first.host_key
     assert second.images == first.images and "tiny.raw" in second.images
     assert second.storage_total_bytes == first.storage_total_bytes
+
+
+def test_a_disk_flashed_to_a_file_boots(built_appliance: Path, tmp_path: Path) -> None:
+    # The flashed file, set up as a build directory of its own so `appliance boot` takes it.
+    flashed = tmp_path / "flashed"
+    flashed.mkdir()
+    manifest = json.loads((built_appliance / "manifest.json").read_text())
+    (raw,) = [artifact["file"] for artifact in manifest["artifacts"] if artifact["file"].endswith(".raw")]
+    result = appliance("flash", str(built_appliance), str(flashed / raw), "--yes")
+    assert result.returncode == 0, result.stderr
+    assert "matches the manifest" in result.stdout
+    (flashed / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        boot_disk(flashed)
+        assert READY_MARKER in console(flashed)
+    finally:
+        appliance("stop", str(flashed))
