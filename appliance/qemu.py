@@ -273,10 +273,15 @@ def start_vm(config: BootConfig, paths: VmPaths) -> RunningVm:
     return RunningVm(process, paths, config, time.monotonic())
 
 
+def recorded_vm(paths: VmPaths) -> int | None:
+    """The pid of the QEMU running from DIR/run, if one is."""
+    # Only our QEMU: a stale pid file may name a process that reused the pid.
+    return live_pid(paths.pid_file, QEMU, str(paths.pid_file))
+
+
 def stop_recorded_vm(paths: VmPaths) -> bool:
     """Stop the QEMU recorded in DIR/run/qemu.pid; False when none was running."""
-    # Only our QEMU: a stale pid file may name a process that reused the pid.
-    pid = live_pid(paths.pid_file, QEMU, str(paths.pid_file))
+    pid = recorded_vm(paths)
     if pid is None:
         paths.pid_file.unlink(missing_ok=True)
         return False
