@@ -24,6 +24,7 @@ from appliance.qemu import (
     VmPaths,
     free_local_port,
     make_disk_overlay,
+    recorded_vm,
     start_vm,
 )
 from appliance.render import READY_MARKER
@@ -127,6 +128,13 @@ def boot(request: BootRequest, say: TextIO = sys.stdout) -> BootResult:
     error or interrupt."""
     manifest = read_build(request.out_dir)
     paths = VmPaths(request.out_dir / "run")
+    running = recorded_vm(paths)
+    if running is not None:
+        # Its console log, pid file and disk are the ones a second boot would take over.
+        where = request.out_dir
+        raise QemuError(
+            f"an appliance is already running from {where} (QEMU pid {running}); `appliance stop {where}` first"
+        )
     pxe_server: PxeServer | None = None
     if request.media == "disk":
         media = prepare_disk(request, manifest, paths, say)

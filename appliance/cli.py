@@ -13,6 +13,7 @@ from appliance.boot import DEFAULT_DISK_GIB, BootRequest, boot
 from appliance.build import MissingToolsError, build, read_key_files
 from appliance.client import DEFAULT_KNOWN_HOSTS, Node, NodeAddress, NodeError, parse_address
 from appliance.dib import DEFAULT_CACHE_DIR, BuildError
+from appliance.flash import FlashError, flash
 from appliance.fleet import DEFAULT_CONCURRENCY, HostOutcome, InventoryError, fan_out, load_inventory
 from appliance.pack.budget import BudgetError
 from appliance.pack.live import PackError
@@ -179,6 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="ask the node to shut down and wait this long before ending QEMU",
     )
+
+    flash_cmd = verbs.add_parser(
+        "flash",
+        formatter_class=HelpFormatter,
+        help="write the disk image to a disk or a file, then read it back to verify",
+        description="Write DIR's NAME.raw to TARGET (a disk such as /dev/sdX, or a file), then read it back\n"
+        "and compare its sha256 with the manifest's. A target that is mounted, used as swap, or holds the\n"
+        "running system is refused. Asks before writing unless --yes; with no terminal to ask on, refuses.",
+        epilog="example:\n  appliance flash out /dev/sdX\n  appliance flash out usb-stick.img --yes",
+    )
+    flash_cmd.add_argument("dir", type=Path, help="build directory (holds manifest.json and NAME.raw)")
+    flash_cmd.add_argument("target", type=Path, help="disk device or file to write")
+    flash_cmd.add_argument("--yes", action="store_true", help="do not ask before writing")
     return parser
 
 
@@ -504,12 +518,34 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_flash(args: argparse.Namespace) -> int:
+    def confirm(question: str) -> bool:
+        if args.yes:
+            return True
+        if not sys.stdin.isatty():
+            raise FlashError(f"refusing to write {args.target} without --yes: there is no terminal to ask on")
+        return input(f"{question} Type yes: ").strip() == "yes"
+
+    progress = Progress(sys.stderr, interactive=sys.stderr.isatty())
+    with progress.step(f"write {args.dir} to {args.target}"):
+        result = flash(
+            args.dir,
+            args.target,
+            confirm,
+            lambda done, size: progress.detail(f"{done * 100 // max(size, 1)}% of {size / 1e6:.0f} MB"),
+        )
+    print(f"wrote {result.image.name} to {result.target} ({result.size_bytes / 1e6:.0f} MB in {result.seconds:.0f}s)")
+    print(f"  read back: sha256 {result.sha256} matches the manifest")
+    return EXIT_OK
+
+
 COMMANDS = {
     "init": cmd_init,
     "check": cmd_check,
     "build": cmd_build,
     "boot": cmd_boot,
     "stop": cmd_stop,
+    "flash": cmd_flash,
     "node": cmd_node,
     "guest": cmd_node,
     "fleet": cmd_fleet,
@@ -530,8 +566,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"appliance: invalid spec: {error}", file=sys.stderr)
         return EXIT_USAGE
     except (
-        BuildError, BudgetError, MissingToolsError, PackError, PxeError, QemuError, CommandError, NodeError
-    ) as error:  # fmt: skip
+        BuildError,
+        BudgetError,
+        MissingToolsError,
+        PackError,
+        PxeError,
+        QemuError,
+        CommandError,
+        NodeError,
+        FlashError,
+    ) as error:
         print(f"appliance: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

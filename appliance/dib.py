@@ -16,7 +16,15 @@ from appliance.run import CommandError, run_streaming
 from appliance.spec import Spec
 
 # The stock distro element first, then ours; each of ours pulls in its deps.
-ELEMENTS = ("debian-minimal", "appliance-base", "appliance-kvm", "appliance-agent", "appliance-ssh", "appliance-live")
+ELEMENTS = (
+    "debian-minimal",
+    "appliance-base",
+    "appliance-kvm",
+    "appliance-agent",
+    "appliance-ssh",
+    "appliance-data",
+    "appliance-live",
+)
 PHASE_LINE = re.compile(r"dib-run-parts Running \S*/(?P<phase>[a-z0-9-]+\.d)/(?P<script>\S+)$")
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "image-create"
 

@@ -237,6 +237,12 @@ def start_vm(config: BootConfig, paths: VmPaths) -> RunningVm:
     return RunningVm(process, paths, config, time.monotonic())
 
 
+def recorded_vm(paths: VmPaths) -> int | None:
+    """The pid of the QEMU running from DIR/run, if one is."""
+    # Only our QEMU: a stale pid file may name a process that reused the pid.
+    return live_pid(paths.pid_file, QEMU, str(paths.pid_file))
+
+
 def stop_recorded_vm(paths: VmPaths, shutdown_timeout: float = 0.0) -> bool:
     """Stop the QEMU recorded in DIR/run/qemu.pid; False when none was running.
 
@@ -244,8 +250,7 @@ def stop_recorded_vm(paths: VmPaths, shutdown_timeout: float = 0.0) -> bool:
     button, through QEMU's QMP socket) and given that long; then, or without
     one, QEMU is ended at once: a power cut.
     """
-    # Only our QEMU: a stale pid file may name a process that reused the pid.
-    pid = live_pid(paths.pid_file, QEMU, str(paths.pid_file))
+    pid = recorded_vm(paths)
     if pid is None:
         paths.pid_file.unlink(missing_ok=True)
         return False

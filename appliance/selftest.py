@@ -143,7 +143,8 @@ def run_steps(
         fingerprint = node.host_key_fingerprint()
         say.write(
             f"  {host['hostname']} build {host['build_id']}, accelerator {host['accelerator']}, "
-            f"guests run as {host.get('guest_supervisor', 'processes')}, host key {fingerprint}\n"
+            f"guests run as {host.get('guest_supervisor', 'processes')}, state in {host.get('state_storage')}, "
+            f"host key {fingerprint}\n"
         )
     with connected(address, options, known_hosts) as node:
         with report.step("push a tiny guest image"):

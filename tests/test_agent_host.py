@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from appliance.agent.config import ConfigError, load_config
-from appliance.agent.host import collect_report, probe_kvm, read_build_id, read_meminfo
+from appliance.agent.host import collect_report, probe_kvm, read_build_id, read_meminfo, read_state_storage
 
 MEMINFO = "MemTotal:       16384000 kB\nMemAvailable:    8192000 kB\nHugePages_Total:       0\n"
 
@@ -96,3 +96,10 @@ def test_broken_config_is_a_message_not_a_traceback(tmp_path: Path) -> None:
     result = run_agent("--config", str(config), "report")
     assert result.returncode == 1
     assert "cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_state_storage_is_read_from_the_boot_marker(tmp_path: Path) -> None:
+    marker = tmp_path / "storage"
+    assert read_state_storage(marker) == "unknown"
+    marker.write_text("ram\n")
+    assert read_state_storage(marker) == "ram"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.boot import GIB, BootRequest, prepare_disk
+from appliance.boot import GIB, BootRequest, boot, prepare_disk
 from appliance.qemu import QemuError, VmPaths
 
 
@@ -74,3 +74,21 @@ def test_a_build_without_a_disk_says_which_output_to_add(tmp_path: Path) -> None
     manifest = write_build(tmp_path, "b1", outputs=("appliance.iso",))
     with pytest.raises(QemuError, match='add "disk" to outputs'):
         prepare_disk(request(tmp_path), manifest, VmPaths(tmp_path / "run"), io.StringIO())
+
+
+def test_a_second_boot_from_the_same_directory_is_refused(tmp_path: Path) -> None:
+    write_build(tmp_path, "b1")
+    paths = VmPaths(tmp_path / "run")
+    paths.run_dir.mkdir()
+    # Stands in for the QEMU of an earlier `boot --wait`: its command line names QEMU and the pid file.
+    stand_in = subprocess.Popen(
+        ["bash", "-c", f'exec -a "qemu-system-x86_64 -pidfile {paths.pid_file}" sleep 60'], start_new_session=True
+    )
+    try:
+        paths.pid_file.write_text(f"{stand_in.pid}\n")
+        with pytest.raises(QemuError, match="already running"):
+            boot(request(tmp_path, fresh_disk=True), io.StringIO())
+        assert not paths.disk_overlay.exists()
+    finally:
+        stand_in.kill()
+        stand_in.wait()

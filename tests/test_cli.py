@@ -53,7 +53,7 @@ def test_stop_with_nothing_running_is_fine(tmp_path: Path) -> None:
     assert result.returncode == 0 and "no appliance running" in result.stdout
 
 
-@pytest.mark.parametrize("verb", ["init", "check", "build", "boot", "stop"])
+@pytest.mark.parametrize("verb", ["init", "check", "build", "boot", "stop", "flash"])
 def test_every_verb_has_help_with_an_example(verb: str) -> None:
     result = run_cli(verb, "--help")
     assert result.returncode == 0 and "example:" in result.stdout

@@ -24,8 +24,8 @@ from appliance.pack.disk import (
 )
 from appliance.pack.live import PackError
 from appliance.pack.manifest import Artifact
-from appliance.render import BuildIdentity, render_boot_file
-from appliance.spec import Spec
+from appliance.render import BuildIdentity, render_boot_file, render_image_files
+from appliance.spec import Spec, parse_spec
 
 IDENTITY = BuildIdentity("demo-20260101T000000Z-abcd1234", "2026-01-01T00:00:00+00:00", "ab" * 32, "0.1.0")
 
@@ -130,3 +130,21 @@ def test_budget_counts_the_compressed_disk_and_not_the_sparse_raw() -> None:
     check_budget((Artifact("a.raw", 900_000_000, ""), Artifact("a.qcow2", 150_000_000, "")), 200)
     with pytest.raises(BudgetError, match=r"a\.qcow2"):
         check_budget((Artifact("a.raw", 900_000_000, ""), Artifact("a.qcow2", 250_000_000, "")), 200)
+
+
+def test_the_node_finds_and_grows_the_data_partition_the_packer_makes(tmp_path: Path) -> None:
+    element = Path(__file__).resolve().parent.parent / "elements" / "appliance-data"
+    definition = (element / "static/usr/lib/appliance/repart.d/50-data.conf").read_text()
+    assert f"Type={DATA_TYPE.lower()}" in definition
+    assert f"Label={DATA_LABEL}" in definition and "\nSizeMaxBytes=" not in definition
+    spec = parse_spec('[ssh]\nuser = "ops"', "t")
+    written = render_image_files(spec, IDENTITY, tmp_path)
+    (env_file,) = [path for path in written if path.name == "storage.env"]
+    env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if not line.startswith("#"))
+    assert env == {
+        "APPLIANCE_DATA_LABEL": DATA_LABEL,
+        # blkid names GPT types in lower case.
+        "APPLIANCE_DATA_TYPE": DATA_TYPE.lower(),
+        "APPLIANCE_STATE_DIR": "/var/lib/appliance",
+        "APPLIANCE_STATE_USER": "ops",
+    }

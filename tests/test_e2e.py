@@ -34,4 +34,4 @@ def test_selftest_passes_on_the_default_build(built_appliance: Path, operator_ke
     ):
         assert f"- {step}" in output or step in output, (step, output)
     assert "selftest passed: 7 steps" in output
-    assert "guests run as systemd" in output
+    assert "guests run as systemd, state in persistent" in output

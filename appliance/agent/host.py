@@ -31,6 +31,8 @@ class HostReport:
     memory_available_bytes: int
     kvm: KvmState
     uptime_seconds: float
+    # "persistent" (the data partition), "ram" (lost at shutdown), or "unknown" off an appliance.
+    state_storage: str
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -89,6 +91,17 @@ def probe_kvm(device: Path = Path("/dev/kvm")) -> KvmState:
     return KvmState(present=True, usable=True, detail="KVM API version 12")
 
 
+STORAGE_MARKER = Path("/run/appliance/storage")
+
+
+def read_state_storage(marker: Path = STORAGE_MARKER) -> str:
+    """Where the node keeps its state, as the boot's appliance-storage.service wrote it."""
+    try:
+        return marker.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
 def collect_report(build_info_path: Path) -> HostReport:
     memory = read_meminfo()
     return HostReport(
@@ -101,4 +114,5 @@ def collect_report(build_info_path: Path) -> HostReport:
         memory_available_bytes=memory.get("MemAvailable", 0),
         kvm=probe_kvm(),
         uptime_seconds=read_uptime(),
+        state_storage=read_state_storage(),
     )
