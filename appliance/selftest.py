@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from appliance.agent.accel import PROBE_BOOT_SECTOR, PROBE_MARKER
-from appliance.boot import BootRequest, BootResult, boot, find_artifact, read_build
+from appliance.boot import DEFAULT_DISK_GIB, GIB, BootRequest, BootResult, boot, find_artifact, read_build
 from appliance.client import Node, NodeAddress
 from appliance.qemu import QemuError, VmPaths, stop_recorded_vm
 
@@ -112,6 +112,18 @@ def marker_shown(node: Node) -> bool:
     return PROBE_MARKER.decode() in text
 
 
+def check_data_partition(host: dict[str, Any]) -> None:
+    """Booted from the disk: state on the data partition, grown from its 64 MiB to fill the disk."""
+    if host.get("state_storage") != "persistent":
+        raise SelftestError(f"the node keeps its state in {host.get('state_storage')}, not on its data partition")
+    grown_at_least = DEFAULT_DISK_GIB * GIB // 2
+    if int(host["storage_total_bytes"]) < grown_at_least:
+        raise SelftestError(
+            f"the data partition holds {int(host['storage_total_bytes']) / GIB:.2f} GiB of the "
+            f"{DEFAULT_DISK_GIB} GiB disk: it was not grown at boot"
+        )
+
+
 def selftest(options: SelftestOptions, say: TextIO) -> Report:
     report = Report(say)
     media = choose_media(options)
@@ -141,9 +153,12 @@ def run_steps(
     ):
         host = node.call("host.report", idempotent=True)
         fingerprint = node.host_key_fingerprint()
+        if media == "disk":
+            check_data_partition(host)
         say.write(
             f"  {host['hostname']} build {host['build_id']}, accelerator {host['accelerator']}, "
-            f"guests run as {host.get('guest_supervisor', 'processes')}, state in {host.get('state_storage')}, "
+            f"guests run as {host.get('guest_supervisor', 'processes')}, state in {host.get('state_storage')} "
+            f"({int(host['storage_total_bytes']) / GIB:.1f} GiB), "
             f"host key {fingerprint}\n"
         )
     with connected(address, options, known_hosts) as node:

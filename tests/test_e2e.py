@@ -35,3 +35,6 @@ def test_selftest_passes_on_the_default_build(built_appliance: Path, operator_ke
         assert f"- {step}" in output or step in output, (step, output)
     assert "selftest passed: 7 steps" in output
     assert "guests run as systemd, state in persistent" in output
+    # Booted from the disk under SeaBIOS: GRUB's menu entry names the root slot it found.
+    console = (built_appliance / "run" / "serial.log").read_text(errors="replace")
+    assert "root slot a on" in console and "BdsDxe" not in console
