@@ -62,13 +62,23 @@ class TinyGuest:
     cmdline: str = "console=ttyS0 quiet panic=-1"
 
 
+def current_kernel_package() -> str:
+    """The versioned package linux-image-cloud-amd64 points at today (apt's lists read once more if stale)."""
+    for attempt in range(2):
+        depends = subprocess.run(["apt-cache", "depends", KERNEL_PACKAGE], capture_output=True, text=True)
+        lines = [line for line in depends.stdout.splitlines() if "Depends:" in line]
+        if depends.returncode == 0 and lines:
+            return lines[0].split(":", 1)[1].strip()
+        if attempt == 0:
+            # A machine whose apt lists were never fetched (or were cleaned) knows no kernel package.
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, check=True)
+    raise RuntimeError(f"apt knows no {KERNEL_PACKAGE}: {depends.stderr.strip()}")
+
+
 def kernel_package_dir(cache: Path) -> Path:
     """The unpacked kernel package, fetched once into the cache."""
     cache.mkdir(parents=True, exist_ok=True)
-    depends = subprocess.run(
-        ["apt-cache", "depends", KERNEL_PACKAGE], capture_output=True, text=True, check=True
-    ).stdout
-    versioned = next(line.split(":", 1)[1].strip() for line in depends.splitlines() if "Depends:" in line)
+    versioned = current_kernel_package()
     unpacked = cache / versioned
     if unpacked.is_dir():
         return unpacked
