@@ -9,11 +9,14 @@ SSH host key. A module of its own: it uses the build directory's run/ files.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from appliance.pack.manifest import sha256_of
 
 pytestmark = pytest.mark.slow
 
@@ -38,3 +41,8 @@ def test_selftest_passes_on_the_default_build(built_appliance: Path, operator_ke
     # Booted from the disk under SeaBIOS: GRUB's menu entry names the root slot it found.
     console = (built_appliance / "run" / "serial.log").read_text(errors="replace")
     assert "root slot a on" in console and "BdsDxe" not in console
+    assert "appliance: state on /dev/" in console
+    # The artifact itself stays pristine: the node wrote into its overlay only.
+    manifest = json.loads((built_appliance / "manifest.json").read_text())
+    (raw,) = [artifact for artifact in manifest["artifacts"] if artifact["file"].endswith(".raw")]
+    assert sha256_of(built_appliance / raw["file"]) == raw["sha256"]
