@@ -26,6 +26,7 @@ from appliance.pack.manifest import Manifest, describe_artifacts, read_dpkg_mani
 from appliance.pack.pxe import make_ipxe
 from appliance.progress import Progress
 from appliance.render import BuildIdentity, kernel_cmdline, render_boot_file, render_image_files
+from appliance.run import find_tool
 from appliance.spec import Output, Problem, Spec, SpecError, check_public_key
 
 REQUIRED_TOOLS = (
@@ -72,7 +73,7 @@ def read_key_files(paths: list[Path]) -> tuple[str, ...]:
 
 
 def check_tools() -> None:
-    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    missing = [tool for tool in REQUIRED_TOOLS if find_tool(tool) is None]
     if missing:
         raise MissingToolsError(missing)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import shlex
+import shutil
 import subprocess
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -11,6 +13,17 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 TAIL_LINES = 25
+
+
+def find_tool(name: str) -> str | None:
+    """NAME's path, looking in the sbin directories too: Debian keeps mkfs and sfdisk there,
+    outside an ordinary user's PATH (a build by a user with sudo rights uses them on files)."""
+    return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+
+
+def tool(name: str) -> str:
+    """NAME's path for an argv, or NAME itself to let the run fail naming it."""
+    return find_tool(name) or name
 
 
 class CommandError(Exception):

@@ -25,6 +25,7 @@ from appliance.pack.disk import (
 from appliance.pack.live import PackError
 from appliance.pack.manifest import Artifact
 from appliance.render import BuildIdentity, render_boot_file, render_image_files
+from appliance.run import find_tool
 from appliance.spec import Spec, parse_spec
 
 IDENTITY = BuildIdentity("demo-20260101T000000Z-abcd1234", "2026-01-01T00:00:00+00:00", "ab" * 32, "0.1.0")
@@ -148,3 +149,9 @@ def test_the_node_finds_and_grows_the_data_partition_the_packer_makes(tmp_path: 
         "APPLIANCE_STATE_DIR": "/var/lib/appliance",
         "APPLIANCE_STATE_USER": "ops",
     }
+
+
+def test_tools_in_sbin_are_found_outside_roots_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert find_tool("sfdisk") in ("/usr/sbin/sfdisk", "/sbin/sfdisk")
+    assert find_tool("no-such-tool-here") is None

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from appliance.pack.live import LiveSet, PackError
 from appliance.render import BuildIdentity, render_boot_file, render_disk_file
-from appliance.run import run
+from appliance.run import run, tool
 from appliance.spec import Spec
 
 SECTOR = 512
@@ -215,7 +215,7 @@ def grub_mkimage(platform: str, modules: tuple[str, ...], early_cfg: Path, outpu
 
 
 def format_ext4(image: Path, partition: Partition, kind: str, content: Path | None = None) -> None:
-    argv = ["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-T", kind, "-L", partition.name]
+    argv = [tool("mke2fs"), "-q", "-F", "-t", "ext4", "-b", "4096", "-T", kind, "-L", partition.name]
     argv += ["-E", f"offset={partition.start},root_owner=0:0"]
     if content is not None:
         argv += ["-d", str(content)]
@@ -240,7 +240,7 @@ def make_disk(live: LiveSet, spec: Spec, identity: BuildIdentity, out_dir: Path)
     raw.unlink(missing_ok=True)
     with raw.open("wb") as stream:
         stream.truncate(layout.size)
-    run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(raw)],
+    run([tool("sfdisk"), "--quiet", "--no-reread", "--no-tell-kernel", str(raw)],
         input_bytes=partition_table_script(layout, spec.name).encode())  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="appliance-disk-", dir=out_dir) as work_name:
@@ -256,7 +256,7 @@ def make_disk(live: LiveSet, spec: Spec, identity: BuildIdentity, out_dir: Path)
         esp = layout.partition("esp")
         # One sector per cluster: mkfs.vfat sizes clusters by the whole file, which
         # would leave too few for FAT32 in 64 MiB.
-        run(["mkfs.vfat", "--offset", str(esp.start_lba), "-F", "32", "-s", "1", "-n", ESP_LABEL, "-i", serial,
+        run([tool("mkfs.vfat"), "--offset", str(esp.start_lba), "-F", "32", "-s", "1", "-n", ESP_LABEL, "-i", serial,
              str(raw), str(esp.size // 1024)])  # fmt: skip
         early = work / "early.cfg"
         early.write_text(render_boot_file("disk-early.cfg", spec, identity, values=values))
