@@ -31,6 +31,7 @@ class HostReport:
     memory_available_bytes: int
     kvm: KvmState
     uptime_seconds: float
+    agent_rss_bytes: int
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -55,6 +56,16 @@ def read_cpu_model(path: Path = Path("/proc/cpuinfo")) -> str:
         if name.strip() == "model name":
             return value.strip()
     return "unknown"
+
+
+def read_rss(path: Path = Path("/proc/self/status")) -> int:
+    """Resident memory in bytes of the process `path` describes (by default the agent itself)."""
+    for line in path.read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name == "VmRSS":
+            parts = rest.split()
+            return int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
+    return 0
 
 
 def read_uptime(path: Path = Path("/proc/uptime")) -> float:
@@ -101,4 +112,5 @@ def collect_report(build_info_path: Path) -> HostReport:
         memory_available_bytes=memory.get("MemAvailable", 0),
         kvm=probe_kvm(),
         uptime_seconds=read_uptime(),
+        agent_rss_bytes=read_rss(),
     )
