@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""`make bench`: where the appliance stands, in figures, on this machine. Never a pass/fail test.
+
+Prints a table and writes the same figures as JSON. Every section can be skipped
+(--skip builds,boot,libvirt ...); a section that fails is reported as failed,
+with its error, and the others still run.
+
+usage: bench/bench.py [--skip SECTIONS] [--build-dir DIR --key PRIVATE_KEY] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+# The test helpers (a loopback sshd, the agent on pipes, the tiny guest) serve the bench as they are.
+sys.path.insert(1, str(REPO / "tests"))
+
+from figures import Section  # noqa: E402
+from loopback import measure_fleet, measure_loopback  # noqa: E402
+from machine import Machine, describe_machine, load_average  # noqa: E402
+from round_trips import RoundTrips  # noqa: E402
+
+from appliance.progress import Progress  # noqa: E402
+
+SECTIONS = ("sizes", "builds", "boot", "roundtrip", "guests", "libvirt", "fleet")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, prog="bench/bench.py"
+    )
+    parser.add_argument("--skip", default="", help=f"comma-separated sections to skip, of: {', '.join(SECTIONS)}")
+    parser.add_argument("--json", type=Path, help="where to write the JSON (default: bench/results/bench-DATE.json)")
+    parser.add_argument("--build-dir", type=Path, help="measure this existing build instead of building")
+    parser.add_argument("--key", type=Path, help="operator private key of --build-dir's build")
+    parser.add_argument("--work-dir", type=Path, help="scratch space (default: a new directory in /var/tmp)")
+    parser.add_argument("--keep-work", action="store_true", help="keep the scratch space (builds, logs) afterwards")
+    parser.add_argument("--build-runs", type=int, default=1, help="runs of each build kind (default: %(default)s)")
+    parser.add_argument("--boot-runs", type=int, default=2, help="boots per media (default: %(default)s)")
+    parser.add_argument("--boot-timeout", type=float, default=600.0, help="seconds per boot (default: %(default)s)")
+    parser.add_argument("--guest-runs", type=int, default=5, help="guest starts each way (default: %(default)s)")
+    parser.add_argument("--requests", type=int, default=200, help="requests on an open channel (default: %(default)s)")
+    parser.add_argument("--connects", type=int, default=10, help="connect + first request (default: %(default)s)")
+    parser.add_argument("--fleet-sizes", default="1,8,32", help="fleet sizes N (default: %(default)s)")
+    parser.add_argument("--fleet-runs", type=int, default=3, help="fleet reports per size (default: %(default)s)")
+    args = parser.parse_args(argv)
+    args.skip = {name.strip() for name in args.skip.split(",") if name.strip()}
+    unknown = args.skip - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections to skip: {', '.join(sorted(unknown))} (known: {', '.join(SECTIONS)})")
+    if args.build_dir and not args.key:
+        parser.error("--build-dir needs --key, the operator private key that build authorizes")
+    args.fleet_sizes = [int(size) for size in args.fleet_sizes.split(",")]
+    return args
+
+
+def guarded(key: str, title: str, measure: Callable[[], Section]) -> Section:
+    """Run one section; a failure is reported with its error and the bench goes on with the next."""
+    try:
+        return measure()
+    except Exception as error:  # one section failing must not lose the others: printed in full, kept in the JSON
+        traceback.print_exc()
+        return Section(key, title, status="failed", reason=f"{type(error).__name__}: {error}")
+
+
+def skipped(key: str, title: str, reason: str) -> Section:
+    return Section(key, title, status="skipped", reason=reason)
+
+
+def measure_round_trips(args: argparse.Namespace, work: Path, progress: Progress, node: list[RoundTrips]) -> Section:
+    section = Section("roundtrip", "5. request round-trip to the agent (agent.hello)")
+    measured = [*node]
+    if "roundtrip" not in args.skip:
+        measured += measure_loopback(work, progress, args.requests, args.connects)
+    elif not node:
+        return skipped(section.key, section.title, "--skip roundtrip, and no booted node")
+    for trips in measured:
+        trips.add_rows(section)
+    section.data["endpoints"] = [trips.to_json() for trips in measured]
+    return section
+
+
+def run_sections(args: argparse.Namespace, work: Path, progress: Progress) -> list[Section]:
+    sections: list[Section] = []
+    node_trips: list[RoundTrips] = []
+    title = "5. request round-trip to the agent (agent.hello)"
+    sections.append(guarded("roundtrip", title, lambda: measure_round_trips(args, work, progress, node_trips)))
+    title = "7. fleet report: host.report from N nodes (sshd endpoints on loopback)"
+    if "fleet" in args.skip:
+        sections.append(skipped("fleet", title, "--skip fleet"))
+    else:
+        sections.append(
+            guarded("fleet", title, lambda: measure_fleet(work, progress, args.fleet_sizes, args.fleet_runs))
+        )
+    return sections
+
+
+def format_table(machine: Machine, meta: dict[str, object], sections: list[Section]) -> str:
+    lines = [
+        f"appliance bench, {meta['date']}",
+        f"machine: {machine.hostname}: {machine.cpu_model}, {machine.cores} cores, "
+        f"{machine.memory_bytes / (1 << 30):.1f} GiB, {machine.os}, kernel {machine.kernel}",
+        f"QEMU: {machine.qemu_version}; accelerator: {machine.accel} ({machine.accel_reason})",
+        f"load average (1, 5, 15 min): {meta['load_start']} at start, {meta['load_end']} at end",
+        f"runs: {meta['runs']}",
+    ]
+    rows = [row for section in sections for row in section.rows]
+    width = max((len(row.figure) for row in rows), default=20)
+    value_width = max((len(row.value) for row in rows), default=10)
+    for section in sections:
+        lines.append("")
+        lines.append(section.title)
+        if section.status != "measured":
+            lines.append(f"  ({section.status}: {section.reason})")
+        for row in section.rows:
+            lines.append(f"  {row.figure:<{width}}  {row.value:<{value_width}}  {row.note}".rstrip())
+    return "\n".join(lines)
+
+
+def default_json_path(date: str) -> Path:
+    return BENCH_DIR / "results" / f"bench-{date}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    progress = Progress(sys.stdout, interactive=sys.stdout.isatty())
+    started = datetime.now(UTC)
+    date = started.strftime("%Y%m%dT%H%M%SZ")
+    load_start = load_average()
+    with progress.step("describe this machine (probe the accelerator)"):
+        machine, _accel = describe_machine()
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="appliance-bench-", dir="/var/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    work.chmod(0o755)  # libvirt's QEMU (another user) reads the tiny guest from here
+    progress.note(f"scratch space: {work}")
+    try:
+        sections = run_sections(args, work, progress)
+    finally:
+        if not args.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+    meta: dict[str, object] = {
+        "date": started.isoformat(timespec="seconds"),
+        "load_start": load_start,
+        "load_end": load_average(),
+        "runs": f"builds {args.build_runs} each, boots {args.boot_runs} per media, guest starts {args.guest_runs} "
+        f"each way, {args.requests} requests on a channel, {args.connects} connects, fleet {args.fleet_runs} per N",
+        "skipped": sorted(args.skip),
+    }
+    table = format_table(machine, meta, sections)
+    print()
+    print(table)
+    path = args.json or default_json_path(date)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {"machine": machine.to_json(), **meta, "sections": {s.key: s.to_json() for s in sections}}
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"\nJSON: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
