@@ -26,6 +26,8 @@ REPO = BENCH_DIR.parent
 sys.path.insert(1, str(REPO / "tests"))
 
 from figures import Section  # noqa: E402
+from guest_start import TITLE as GUESTS_TITLE  # noqa: E402
+from guest_start import measure_guest_starts  # noqa: E402
 from loopback import measure_fleet, measure_loopback  # noqa: E402
 from machine import Machine, describe_machine, load_average  # noqa: E402
 from round_trips import RoundTrips  # noqa: E402
@@ -95,6 +97,17 @@ def run_sections(args: argparse.Namespace, work: Path, progress: Progress) -> li
     node_trips: list[RoundTrips] = []
     title = "5. request round-trip to the agent (agent.hello)"
     sections.append(guarded("roundtrip", title, lambda: measure_round_trips(args, work, progress, node_trips)))
+    if "guests" in args.skip:
+        sections.append(skipped("guests", GUESTS_TITLE, "--skip guests"))
+    else:
+        with_libvirt = "libvirt" not in args.skip
+        sections.append(
+            guarded(
+                "guests",
+                GUESTS_TITLE,
+                lambda: measure_guest_starts(work, progress, args.guest_runs, with_libvirt),
+            )
+        )
     title = "7. fleet report: host.report from N nodes (sshd endpoints on loopback)"
     if "fleet" in args.skip:
         sections.append(skipped("fleet", title, "--skip fleet"))
@@ -122,6 +135,8 @@ def format_table(machine: Machine, meta: dict[str, object], sections: list[Secti
         lines.append(section.title)
         if section.status != "measured":
             lines.append(f"  ({section.status}: {section.reason})")
+        elif section.reason:
+            lines.append(f"  (note: {section.reason})")
         for row in section.rows:
             lines.append(f"  {row.figure:<{width}}  {row.value:<{value_width}}  {row.note}".rstrip())
     return "\n".join(lines)
