@@ -25,6 +25,8 @@ REPO = BENCH_DIR.parent
 # The test helpers (a loopback sshd, the agent on pipes, the tiny guest) serve the bench as they are.
 sys.path.insert(1, str(REPO / "tests"))
 
+from boots import TITLE_BOOT, TITLE_MEMORY, measure_boots  # noqa: E402
+from builds import TITLE_BUILDS, TITLE_SIZES, measure_builds, measure_sizes  # noqa: E402
 from figures import Section  # noqa: E402
 from guest_start import TITLE as GUESTS_TITLE  # noqa: E402
 from guest_start import measure_guest_starts  # noqa: E402
@@ -32,6 +34,7 @@ from loopback import measure_fleet, measure_loopback  # noqa: E402
 from machine import Machine, describe_machine, load_average  # noqa: E402
 from round_trips import RoundTrips  # noqa: E402
 
+from appliance.agent.accel import AccelChoice  # noqa: E402
 from appliance.progress import Progress  # noqa: E402
 
 SECTIONS = ("sizes", "builds", "boot", "roundtrip", "guests", "libvirt", "fleet")
@@ -92,9 +95,55 @@ def measure_round_trips(args: argparse.Namespace, work: Path, progress: Progress
     return section
 
 
-def run_sections(args: argparse.Namespace, work: Path, progress: Progress) -> list[Section]:
-    sections: list[Section] = []
-    node_trips: list[RoundTrips] = []
+def build_sections(args: argparse.Namespace, work: Path, progress: Progress) -> tuple[list[Section], Path | None, Path]:
+    """Sizes and build times, and the build (and its operator key) the boots use."""
+    if args.build_dir:
+        builds = skipped("builds", TITLE_BUILDS, f"--build-dir {args.build_dir}: an existing build measured")
+        build_dir, key = args.build_dir, args.key
+    elif "builds" in args.skip:
+        builds = skipped("builds", TITLE_BUILDS, "--skip builds")
+        build_dir, key = None, Path()
+    else:
+        try:
+            builds, build_dir, key = measure_builds(work, progress, args.build_runs)
+        except Exception as error:  # reported in full, as guarded() does; the sections without a build go on
+            traceback.print_exc()
+            builds = Section("builds", TITLE_BUILDS, status="failed", reason=f"{type(error).__name__}: {error}")
+            build_dir, key = None, Path()
+    if "sizes" in args.skip:
+        sizes = skipped("sizes", TITLE_SIZES, "--skip sizes")
+    elif build_dir is None:
+        sizes = skipped("sizes", TITLE_SIZES, "no build (builds skipped or failed, and no --build-dir)")
+    else:
+        sizes = guarded("sizes", TITLE_SIZES, lambda: measure_sizes(build_dir))
+    return [sizes, builds], build_dir, key
+
+
+def boot_sections(
+    args: argparse.Namespace, work: Path, progress: Progress, accel: AccelChoice, build_dir: Path | None, key: Path
+) -> tuple[list[Section], list[RoundTrips]]:
+    reason = "--skip boot" if "boot" in args.skip else "no build (builds skipped or failed, and no --build-dir)"
+    if "boot" in args.skip or build_dir is None:
+        return [skipped("boot", TITLE_BOOT, reason), skipped("memory", TITLE_MEMORY, reason)], []
+    try:
+        boot, memory, trips = measure_boots(
+            build_dir, key, accel, work, progress, args.boot_runs, args.boot_timeout, (args.requests, args.connects)
+        )
+    except Exception as error:  # reported in full, as guarded() does
+        traceback.print_exc()
+        failure = f"{type(error).__name__}: {error}"
+        return [Section("boot", TITLE_BOOT, "failed", failure), Section("memory", TITLE_MEMORY, "failed", failure)], []
+    return [boot, memory], [trips]
+
+
+def run_sections(
+    args: argparse.Namespace, work: Path, progress: Progress, accel: AccelChoice, sections: list[Section]
+) -> None:
+    """Appends each section as it is measured: on Ctrl-C the ones done are still reported."""
+    built, build_dir, key = build_sections(args, work, progress)
+    sections += built
+    booted, node_trips = boot_sections(args, work, progress, accel, build_dir, key)
+    sections += booted
     title = "5. request round-trip to the agent (agent.hello)"
     sections.append(guarded("roundtrip", title, lambda: measure_round_trips(args, work, progress, node_trips)))
     if "guests" in args.skip:
@@ -115,7 +164,6 @@ def run_sections(args: argparse.Namespace, work: Path, progress: Progress) -> li
         sections.append(
             guarded("fleet", title, lambda: measure_fleet(work, progress, args.fleet_sizes, args.fleet_runs))
         )
-    return sections
 
 
 def format_table(machine: Machine, meta: dict[str, object], sections: list[Section]) -> str:
@@ -127,6 +175,8 @@ def format_table(machine: Machine, meta: dict[str, object], sections: list[Secti
         f"load average (1, 5, 15 min): {meta['load_start']} at start, {meta['load_end']} at end",
         f"runs: {meta['runs']}",
     ]
+    if meta["interrupted"]:
+        lines.append("INTERRUPTED: the sections after the last one shown were not measured")
     rows = [row for section in sections for row in section.rows]
     width = max((len(row.figure) for row in rows), default=20)
     value_width = max((len(row.value) for row in rows), default=10)
@@ -153,13 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     date = started.strftime("%Y%m%dT%H%M%SZ")
     load_start = load_average()
     with progress.step("describe this machine (probe the accelerator)"):
-        machine, _accel = describe_machine()
+        machine, accel = describe_machine()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="appliance-bench-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     work.chmod(0o755)  # libvirt's QEMU (another user) reads the tiny guest from here
     progress.note(f"scratch space: {work}")
+    sections: list[Section] = []
+    interrupted = False
     try:
-        sections = run_sections(args, work, progress)
+        run_sections(args, work, progress, accel, sections)
+    except KeyboardInterrupt:
+        interrupted = True
+        progress.note("interrupted: reporting the sections measured so far")
     finally:
         if not args.keep_work:
             shutil.rmtree(work, ignore_errors=True)
@@ -170,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": f"builds {args.build_runs} each, boots {args.boot_runs} per media, guest starts {args.guest_runs} "
         f"each way, {args.requests} requests on a channel, {args.connects} connects, fleet {args.fleet_runs} per N",
         "skipped": sorted(args.skip),
+        "interrupted": interrupted,
     }
     table = format_table(machine, meta, sections)
     print()
@@ -179,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     document = {"machine": machine.to_json(), **meta, "sections": {s.key: s.to_json() for s in sections}}
     path.write_text(json.dumps(document, indent=2) + "\n")
     print(f"\nJSON: {path}")
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
