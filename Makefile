@@ -10,7 +10,7 @@ APT_PACKAGES := python3-venv qemu-system-x86 qemu-utils debootstrap squashfs-too
 	dosfstools fdisk gdisk grub-pc-bin grub-efi-amd64-bin grub-common ovmf busybox-static \
 	openssh-server openssh-client e2fsprogs cpio zstd sudo kpartx rsync
 
-.PHONY: deps image demo test test-fast lint clean
+.PHONY: deps image demo test test-fast lint bench clean
 
 deps: $(VENV)/.installed
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -46,6 +46,12 @@ test: deps
 
 test-fast: deps
 	$(BIN)/pytest -v -m 'not slow'
+
+# Figures, not a test: builds, boots, round-trips, guest starts against libvirt, fleet fan-out.
+# BENCH_ARGS passes options, e.g. BENCH_ARGS='--skip builds,libvirt' (see bench/bench.py --help).
+BENCH_ARGS ?=
+bench: deps
+	$(SUDO) $(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 lint: deps
 	$(BIN)/ruff check appliance tests

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from appliance.agent.config import ConfigError, load_config
-from appliance.agent.host import collect_report, probe_kvm, read_build_id, read_meminfo, read_state_storage
+from appliance.agent.host import (
+    collect_report,
+    probe_kvm,
+    read_build_id,
+    read_meminfo,
+    read_rss,
+    read_state_storage,
+)
 
 MEMINFO = "MemTotal:       16384000 kB\nMemAvailable:    8192000 kB\nHugePages_Total:       0\n"
 
@@ -19,6 +26,14 @@ def test_meminfo_is_read_in_bytes(tmp_path: Path) -> None:
     fields = read_meminfo(path)
     assert fields["MemTotal"] == 16384000 * 1024
     assert fields["HugePages_Total"] == 0
+
+
+def test_rss_is_read_from_proc_status_in_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "status"
+    path.write_text("Name:\tpython3\nVmPeak:\t   30000 kB\nVmRSS:\t   12345 kB\nThreads:\t1\n")
+    assert read_rss(path) == 12345 * 1024
+    path.write_text("Name:\tkthreadd\n")  # kernel threads have no VmRSS line
+    assert read_rss(path) == 0
 
 
 def test_build_id_comes_from_build_json(tmp_path: Path) -> None:
@@ -38,6 +53,8 @@ def test_report_describes_this_host(tmp_path: Path) -> None:
     assert report.cpus >= 1
     assert 0 < report.memory_available_bytes <= report.memory_total_bytes
     assert report.uptime_seconds > 0
+    # The agent's own resident memory: a Python process takes some MiB, far less than the host has.
+    assert 1 << 20 < report.agent_rss_bytes < report.memory_total_bytes
 
 
 def test_config_defaults_and_file(tmp_path: Path) -> None:
@@ -73,6 +90,7 @@ def test_agent_report_command_prints_json(tmp_path: Path) -> None:
         "memory_available_bytes",
         "kvm",
         "uptime_seconds",
+        "agent_rss_bytes",
     } <= set(report)
 
 

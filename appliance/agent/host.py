@@ -33,6 +33,7 @@ class HostReport:
     uptime_seconds: float
     # "persistent" (the data partition), "ram" (lost at shutdown), or "unknown" off an appliance.
     state_storage: str
+    agent_rss_bytes: int
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -57,6 +58,16 @@ def read_cpu_model(path: Path = Path("/proc/cpuinfo")) -> str:
         if name.strip() == "model name":
             return value.strip()
     return "unknown"
+
+
+def read_rss(path: Path = Path("/proc/self/status")) -> int:
+    """Resident memory in bytes of the process `path` describes (by default the agent itself)."""
+    for line in path.read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name == "VmRSS":
+            parts = rest.split()
+            return int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
+    return 0
 
 
 def read_uptime(path: Path = Path("/proc/uptime")) -> float:
@@ -115,4 +126,5 @@ def collect_report(build_info_path: Path) -> HostReport:
         kvm=probe_kvm(),
         uptime_seconds=read_uptime(),
         state_storage=read_state_storage(),
+        agent_rss_bytes=read_rss(),
     )

@@ -1,0 +1,97 @@
+"""1-2. Artifact sizes from a build's manifest.json, and build times: cold, warm, unchanged-spec rebuild.
+
+cold:    an empty --cache-dir, so DIB fetches and debootstraps everything again
+warm:    the default cache (~/.cache/image-create), into a new output directory
+rebuild: the same spec again into the warm build's directory, which already holds that build
+Each is `appliance build` as a user runs it, timed from outside.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from conftest import make_key
+from figures import MIB, Section, median_text, summary
+
+from appliance.dib import DEFAULT_CACHE_DIR
+from appliance.pack.manifest import load_manifest
+from appliance.progress import Progress
+from appliance.run import run
+
+VENV_BIN = Path(sys.executable).parent
+TITLE_SIZES = "1. artifact sizes (manifest.json)"
+TITLE_BUILDS = "2. build times (`appliance build`, default spec)"
+
+
+def build_once(out_dir: Path, public_key: Path, cache_dir: Path | None = None) -> float:
+    argv = [str(VENV_BIN / "appliance"), "build", "-o", str(out_dir), "--authorized-key", str(public_key)]
+    if cache_dir is not None:
+        argv += ["--cache-dir", str(cache_dir)]
+    started = time.monotonic()
+    # DIB's own tools (disk-image-create, ...) live in the venv too.
+    run(argv, env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
+    return time.monotonic() - started
+
+
+def cache_is_warm() -> bool:
+    return DEFAULT_CACHE_DIR.is_dir() and any(DEFAULT_CACHE_DIR.iterdir())
+
+
+def measure_builds(work: Path, progress: Progress, runs: int) -> tuple[Section, Path, Path]:
+    """The build section, the warm build's directory (for the boots) and its operator private key."""
+    section = Section("builds", TITLE_BUILDS)
+    key = make_key(work, "build-operator")
+    public = key.with_suffix(".pub")
+    was_warm = cache_is_warm()
+    build_dir = work / "build"
+    warm: list[float] = []
+    for run_number in range(runs):
+        out = build_dir if run_number == 0 else work / f"build-warm-{run_number}"
+        with progress.step(f"warm build {run_number + 1} of {runs} into {out}"):
+            warm.append(build_once(out, public))
+        if out != build_dir:
+            shutil.rmtree(out, ignore_errors=True)
+    rebuild: list[float] = []
+    for run_number in range(runs):
+        with progress.step(f"unchanged-spec rebuild {run_number + 1} of {runs} into {build_dir}"):
+            rebuild.append(build_once(build_dir, public))
+    cold: list[float] = []
+    for run_number in range(runs):
+        cache, out = work / f"cold-cache-{run_number}", work / f"build-cold-{run_number}"
+        cache.mkdir()
+        try:
+            with progress.step(f"cold build {run_number + 1} of {runs} (empty --cache-dir {cache})"):
+                cold.append(build_once(out, public, cache))
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+    warm_note = "default cache" if was_warm else "default cache was EMPTY before: the first warm build was cold"
+    section.add("cold (empty cache)", median_text(cold))
+    section.add("warm (default cache, new output dir)", median_text(warm), warm_note)
+    section.add("unchanged-spec rebuild (same output dir)", median_text(rebuild))
+    section.data = {"cold": summary(cold), "warm": summary(warm), "rebuild": summary(rebuild)}
+    section.data["cache_was_warm"] = was_warm
+    return section, build_dir, key
+
+
+def measure_sizes(build_dir: Path) -> Section:
+    section = Section("sizes", TITLE_SIZES)
+    manifest = load_manifest(build_dir)
+    artifacts = manifest.get("artifacts")
+    entries = artifacts if isinstance(artifacts, list) else []
+    section.data = {"build_dir": str(build_dir), "build_id": manifest.get("build_id"), "artifacts": entries}
+    for entry in entries:
+        size = int(entry["size_bytes"])
+        note = ""
+        path = build_dir / str(entry["file"])
+        if path.exists() and path.stat().st_blocks * 512 < size * 0.9:
+            allocated = path.stat().st_blocks * 512
+            note = f"sparse: {allocated / MIB:.1f} MiB allocated"
+            entry["allocated_bytes"] = allocated
+        section.add(str(entry["file"]), f"{size / MIB:.1f} MiB", note)
+    section.reason = f"build {manifest.get('build_id')}, in {build_dir}"
+    return section

@@ -1,0 +1,168 @@
+"""libvirt from Debian's packages as the peer the agent is measured against.
+
+The packages are installed if missing. The daemons run without systemd, as on
+these machines (`virtlogd -d`, then `libvirtd -d`); only daemons this bench
+started are stopped afterwards, by their pid, errors or not.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+from waiting import wait_until
+
+from appliance.agent.accel import QEMU
+from appliance.agent.processes import live_pid
+from appliance.progress import Progress
+from appliance.run import CommandError, run
+
+PACKAGES = ("libvirt-daemon-system", "libvirt-clients", "libvirt-daemon-driver-qemu")
+URI = "qemu:///system"
+STOP_SECONDS = 15.0
+
+
+@dataclass(frozen=True)
+class Daemon:
+    name: str
+    pid_file: Path
+
+
+DAEMONS = (Daemon("virtlogd", Path("/run/virtlogd.pid")), Daemon("libvirtd", Path("/run/libvirtd.pid")))
+
+
+@dataclass(frozen=True)
+class RunningDaemon:
+    name: str
+    pid: int
+    ours: bool
+
+
+def missing_packages() -> list[str]:
+    missing = []
+    for package in PACKAGES:
+        try:
+            status = run(["dpkg-query", "-W", "-f=${Status}", package])
+        except CommandError:
+            status = ""
+        if status != "install ok installed":
+            missing.append(package)
+    return missing
+
+
+def ensure_packages(progress: Progress) -> None:
+    missing = missing_packages()
+    if not missing:
+        return
+    with progress.step(f"apt-get install {' '.join(missing)}"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        run(["apt-get", "update", "-q"], env=env)
+        run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env=env)
+
+
+def virsh(*args: str) -> str:
+    return run(["virsh", "-c", URI, *args])
+
+
+def stop_pid(pid: int, name: str) -> None:
+    """SIGTERM, then SIGKILL if it is still there after STOP_SECONDS."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + STOP_SECONDS
+    while time.monotonic() < deadline:
+        if gone(pid):
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+
+
+def gone(pid: int) -> bool:
+    """No such process, or a zombie (a daemon's parent here is not always one that reaps)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state == "Z"
+
+
+@contextmanager
+def libvirt_daemons(progress: Progress) -> Iterator[list[RunningDaemon]]:
+    """virtlogd and libvirtd running; the ones started here are stopped on the way out."""
+    running: list[RunningDaemon] = []
+    try:
+        for daemon in DAEMONS:
+            pid = live_pid(daemon.pid_file, daemon.name)
+            if pid is not None:
+                progress.note(f"{daemon.name} already running (pid {pid}): used, and left running")
+                running.append(RunningDaemon(daemon.name, pid, ours=False))
+                continue
+            run([daemon.name, "-d"])
+            pid = wait_until(lambda daemon=daemon: live_pid(daemon.pid_file, daemon.name), 30, f"{daemon.name} pid")
+            progress.note(f"started {daemon.name} (pid {pid})")
+            running.append(RunningDaemon(daemon.name, pid, ours=True))
+        wait_until(answers, 60, "libvirtd to answer virsh")
+        yield running
+    finally:
+        for daemon in reversed(running):
+            if daemon.ours:
+                stop_pid(daemon.pid, daemon.name)
+                progress.note(f"stopped {daemon.name} (pid {daemon.pid})")
+
+
+def answers() -> bool:
+    try:
+        virsh("version")
+    except CommandError:
+        return False
+    return True
+
+
+def domain_xml(name: str, kernel: Path, initrd: Path, cmdline: str, memory_mib: int, vcpus: int, serial: Path) -> str:
+    """The agent's tiny guest as libvirt would run it: TCG, q35, the same CPU model, a balloon, serial to a file."""
+    return f"""<domain type='qemu'>
+  <name>{escape(name)}</name>
+  <memory unit='MiB'>{memory_mib}</memory>
+  <vcpu>{vcpus}</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{escape(str(kernel))}</kernel>
+    <initrd>{escape(str(initrd))}</initrd>
+    <cmdline>{escape(cmdline)}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <cpu mode='maximum'/>
+  <on_poweroff>destroy</on_poweroff>
+  <devices>
+    <emulator>{escape(QEMU_PATH)}</emulator>
+    <serial type='file'><source path='{escape(str(serial))}'/><target port='0'/></serial>
+    <memballoon model='virtio'/>
+  </devices>
+</domain>
+"""
+
+
+QEMU_PATH = shutil.which(QEMU) or f"/usr/bin/{QEMU}"
+
+
+def domain_pid(name: str) -> int | None:
+    """The QEMU libvirt runs for a domain, from libvirt's own pid file."""
+    return live_pid(Path(f"/run/libvirt/qemu/{name}.pid"), QEMU)
+
+
+def destroy(name: str) -> None:
+    """Pull the plug on a transient domain; it is gone from libvirt afterwards."""
+    try:
+        virsh("destroy", name)
+    except CommandError:
+        pid = domain_pid(name)
+        if pid is not None:
+            stop_pid(pid, "qemu")
