@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 from appliance.boot import GIB, BootRequest, boot, prepare_disk
 from appliance.qemu import QemuError, VmPaths
@@ -85,6 +86,12 @@ def test_a_second_boot_from_the_same_directory_is_refused(tmp_path: Path) -> Non
         ["bash", "-c", f'exec -a "qemu-system-x86_64 -pidfile {paths.pid_file}" sleep 60'], start_new_session=True
     )
     try:
+        # Until it has exec'd, the child's command line is still this test process's.
+        wait_until(
+            lambda: b"qemu-system-x86_64" in Path(f"/proc/{stand_in.pid}/cmdline").read_bytes(),
+            30,
+            "the stand-in to exec",
+        )
         paths.pid_file.write_text(f"{stand_in.pid}\n")
         with pytest.raises(QemuError, match="already running"):
             boot(request(tmp_path, fresh_disk=True), io.StringIO())
