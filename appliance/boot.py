@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from appliance.agent.accel import AccelChoice, probe_accel
-from appliance.pack.manifest import load_manifest
+from appliance.pack.manifest import artifact_entries, load_manifest
 from appliance.pxe import PxeServer, read_pxe_set, start_pxe_server
 from appliance.qemu import (
     BootConfig,
@@ -66,9 +66,7 @@ def read_build(out_dir: Path) -> dict[str, object]:
 
 
 def find_artifact(out_dir: Path, manifest: dict[str, object], suffix: str, output: str) -> Path:
-    artifacts = manifest.get("artifacts")
-    entries = artifacts if isinstance(artifacts, list) else []
-    found = [str(entry["file"]) for entry in entries if str(entry.get("file", "")).endswith(suffix)]
+    found = [str(entry["file"]) for entry in artifact_entries(manifest) if str(entry["file"]).endswith(suffix)]
     if not found:
         raise QemuError(f'the build in {out_dir} has no {suffix} file (add "{output}" to outputs in the spec)')
     return out_dir / found[0]

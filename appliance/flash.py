@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.pack.manifest import load_manifest
+from appliance.pack.manifest import artifact_entries, load_manifest
 
 CHUNK = 4 << 20
 MB = 1_000_000
@@ -47,9 +47,8 @@ def find_image(out_dir: Path) -> tuple[Path, int, str]:
         manifest = load_manifest(out_dir)
     except FileNotFoundError as error:
         raise FlashError(f"{out_dir} holds no build (no manifest.json); run `appliance build` first") from error
-    artifacts = manifest.get("artifacts")
-    for entry in artifacts if isinstance(artifacts, list) else []:
-        if str(entry.get("file", "")).endswith(".raw"):
+    for entry in artifact_entries(manifest):
+        if str(entry["file"]).endswith(".raw"):
             image = out_dir / str(entry["file"])
             if not image.is_file():
                 raise FlashError(f"{image} is listed in the manifest but missing")

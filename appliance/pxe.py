@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from appliance.pack.manifest import load_manifest
+from appliance.pack.manifest import artifact_entries, load_manifest
 from appliance.pack.pxe import chain_script
 
 CHAIN_SCRIPT = "boot.ipxe"
@@ -38,9 +38,7 @@ def read_pxe_set(out_dir: Path) -> PxeSet:
         manifest = load_manifest(out_dir)
     except FileNotFoundError as error:
         raise PxeError(f"{out_dir} holds no build (no manifest.json); run `appliance build -o {out_dir}`") from error
-    artifacts = manifest.get("artifacts")
-    entries = artifacts if isinstance(artifacts, list) else []
-    names = [str(entry["file"]) for entry in entries if isinstance(entry, dict)]
+    names = [str(entry["file"]) for entry in artifact_entries(manifest)]
     files = tuple(name for name in names if name.endswith(PXE_SUFFIXES))
     if not any(name.endswith(".ipxe") for name in files):
         raise PxeError(f'the build in {out_dir} has no PXE set (add "pxe" to outputs in the spec and rebuild)')

@@ -18,7 +18,7 @@ from conftest import make_key
 from figures import MIB, Section, median_text, summary
 
 from appliance.dib import DEFAULT_CACHE_DIR
-from appliance.pack.manifest import load_manifest
+from appliance.pack.manifest import artifact_entries, load_manifest
 from appliance.progress import Progress
 from appliance.run import run
 
@@ -81,8 +81,7 @@ def measure_builds(work: Path, progress: Progress, runs: int) -> tuple[Section, 
 def measure_sizes(build_dir: Path) -> Section:
     section = Section("sizes", TITLE_SIZES)
     manifest = load_manifest(build_dir)
-    artifacts = manifest.get("artifacts")
-    entries = artifacts if isinstance(artifacts, list) else []
+    entries = artifact_entries(manifest)
     section.data = {"build_dir": str(build_dir), "build_id": manifest.get("build_id"), "artifacts": entries}
     for entry in entries:
         size = int(entry["size_bytes"])

@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 MANIFEST_NAME = "manifest.json"
 
@@ -75,3 +76,10 @@ def write_manifest(manifest: Manifest, out_dir: Path) -> Path:
 def load_manifest(out_dir: Path) -> dict[str, object]:
     loaded: dict[str, object] = json.loads((out_dir / MANIFEST_NAME).read_text())
     return loaded
+
+
+def artifact_entries(manifest: dict[str, object]) -> list[dict[str, Any]]:
+    """The manifest's artifacts (file, size_bytes, sha256); none when the list is absent or malformed."""
+    artifacts = manifest.get("artifacts")
+    entries = artifacts if isinstance(artifacts, list) else []
+    return [entry for entry in entries if isinstance(entry, dict) and "file" in entry]
