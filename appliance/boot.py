@@ -3,7 +3,8 @@
 From the ISO, or from the disk image: then the node's disk is a copy-on-write
 overlay in DIR/run/ over NAME.raw, kept from boot to boot like a real disk
 (the data partition and SSH host key survive) until the build changes or
---fresh-disk asks for a new one.
+--fresh-disk asks for a new one. --extra-disk adds a second disk, blank when
+made, for a node that claims one ([storage] claim_blank_disk).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from appliance.qemu import (
     RunningVm,
     VmPaths,
     free_local_port,
+    make_blank_disk,
     make_disk_overlay,
     recorded_vm,
     start_vm,
@@ -45,6 +47,7 @@ class BootRequest:
     media: str = "iso"  # or "disk", "pxe"
     disk_gib: int = DEFAULT_DISK_GIB  # size of a new disk overlay; the node grows its data partition into it
     fresh_disk: bool = False
+    extra_disk_gib: int = 0  # 0: none; else a second disk, blank when made, kept like the first
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,19 @@ def prepare_disk(request: BootRequest, manifest: dict[str, object], paths: VmPat
     return overlay
 
 
+def prepare_extra_disk(request: BootRequest, paths: VmPaths, say: TextIO) -> Path | None:
+    """The second disk: blank when made, then kept with what the node wrote on it, until --fresh-disk."""
+    if not request.extra_disk_gib:
+        return None
+    disk = paths.extra_disk
+    if disk.exists() and not request.fresh_disk:
+        say.write(f"extra disk: {disk} from an earlier boot, with its data (--fresh-disk empties it)\n")
+        return disk
+    make_blank_disk(disk, request.extra_disk_gib * GIB)
+    say.write(f"extra disk: new blank {request.extra_disk_gib} GiB {disk}\n")
+    return disk
+
+
 # What QEMU's user network calls the host's loopback, seen from the guest.
 QEMU_HOST_ADDRESS = "10.0.2.2"
 
@@ -141,6 +157,7 @@ def boot(request: BootRequest, say: TextIO = sys.stdout) -> BootResult:
         media = pxe_server.chain_file
     else:
         media = find_iso(request.out_dir, manifest)
+    extra_disk = prepare_extra_disk(request, paths, say)
     user = str(manifest.get("ssh_user", "appliance"))
     accel = choose_accel(request.accel)
     say.write(f"accelerator: {accel.accel} ({accel.reason})\n")
@@ -152,6 +169,7 @@ def boot(request: BootRequest, say: TextIO = sys.stdout) -> BootResult:
         cpus=request.cpus,
         firmware=request.firmware,
         media_kind=request.media,
+        extra_disk=extra_disk,
     )
     try:
         vm = start_vm(config, paths)

@@ -32,6 +32,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
+def whole_gib(text: str) -> int:
+    """A disk size for argparse: a whole number of GiB, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of GiB") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} GiB: a disk needs at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="appliance",
@@ -124,13 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     boot_cmd.add_argument(
         "--disk-size",
-        type=int,
+        type=whole_gib,
         default=DEFAULT_DISK_GIB,
         metavar="GIB",
         help="size of a new disk; the node grows its data partition into it (default: %(default)s)",
     )
     boot_cmd.add_argument(
-        "--fresh-disk", action="store_true", help="start from the image again, dropping the node's data"
+        "--extra-disk",
+        type=whole_gib,
+        default=0,
+        metavar="GIB",
+        help="attach a second disk, blank when made (DIR/run/extra-disk.qcow2, kept from boot to boot): "
+        "a node built with [storage] claim_blank_disk = true keeps its state there",
+    )
+    boot_cmd.add_argument(
+        "--fresh-disk",
+        action="store_true",
+        help="start from the image again, dropping the node's data (and empty the extra disk)",
     )
 
     add_node_verbs(verbs)
@@ -447,6 +468,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         media=args.media,
         disk_gib=args.disk_size,
         fresh_disk=args.fresh_disk,
+        extra_disk_gib=args.extra_disk,
     )
     result = boot(request)
     if args.wait:

@@ -75,6 +75,11 @@ class VmPaths:
         return self.run_dir / "disk.qcow2"
 
     @property
+    def extra_disk(self) -> Path:
+        """A second disk, blank when made (boot --extra-disk): one a node may claim for its state."""
+        return self.run_dir / "extra-disk.qcow2"
+
+    @property
     def disk_build_id(self) -> Path:
         """Which build the overlay was made over (a rebuild replaces its backing file)."""
         return self.run_dir / "disk.build-id"
@@ -89,6 +94,7 @@ class BootConfig:
     cpus: int = 2
     firmware: str = "bios"  # or "uefi"
     media_kind: str = "iso"  # or "disk", "pxe"
+    extra_disk: Path | None = None  # a qcow2 attached after the boot media, never booted from
 
 
 def make_disk_overlay(backing: Path, overlay: Path, size_bytes: int) -> None:
@@ -100,6 +106,16 @@ def make_disk_overlay(backing: Path, overlay: Path, size_bytes: int) -> None:
         run([*argv, str(overlay), str(size_bytes)])
     except CommandError as error:
         raise QemuError(f"cannot make the disk overlay {overlay}: {error.output_tail}") from error
+
+
+def make_blank_disk(disk: Path, size_bytes: int) -> None:
+    """An empty qcow2 of SIZE_BYTES: a disk with nothing on it, as a new server's is."""
+    disk.parent.mkdir(parents=True, exist_ok=True)
+    disk.unlink(missing_ok=True)
+    try:
+        run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(size_bytes)])
+    except CommandError as error:
+        raise QemuError(f"cannot make the blank disk {disk}: {error.output_tail}") from error
 
 
 def find_ovmf() -> tuple[Path, Path]:
@@ -153,6 +169,21 @@ def qemu_argv(config: BootConfig, paths: VmPaths) -> list[str]:
 
 
 def media_argv(config: BootConfig) -> list[str]:
+    return boot_media_argv(config) + extra_disk_argv(config)
+
+
+def extra_disk_argv(config: BootConfig) -> list[str]:
+    if config.extra_disk is None:
+        return []
+    return [
+        "-drive",
+        f"file={config.extra_disk},format=qcow2,if=none,id=disk1,discard=unmap",
+        "-device",
+        "virtio-blk-pci,drive=disk1",
+    ]
+
+
+def boot_media_argv(config: BootConfig) -> list[str]:
     if config.media_kind == "disk":
         # virtio-blk, as most servers' disks are not IDE; bootindex makes it the
         # first choice of SeaBIOS and OVMF alike.

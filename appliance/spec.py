@@ -97,6 +97,15 @@ class Mirrors:
 
 
 @dataclass(frozen=True)
+class Storage:
+    """Where the node keeps its state when no disk carries the appliance's data partition."""
+
+    # Off by default: claiming formats a disk, and a disk with no signature on
+    # it may still hold data some other tool wrote there.
+    claim_blank_disk: bool = False
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str = "appliance"
     release: str = DEFAULT_RELEASE
@@ -109,6 +118,7 @@ class Spec:
     ssh: Ssh = field(default_factory=Ssh)
     mirrors: Mirrors = field(default_factory=Mirrors)
     policy: Policy = field(default_factory=Policy)
+    storage: Storage = field(default_factory=Storage)
 
     def with_extra_keys(self, keys: tuple[str, ...]) -> Spec:
         """This spec with operator keys added on top of its own (duplicates dropped)."""
@@ -229,6 +239,7 @@ class _Reader:
                 "ssh",
                 "mirrors",
                 "policy",
+                "storage",
             ),
         )
         name = self.string(
@@ -286,6 +297,7 @@ class _Reader:
             ssh=self.ssh(self.table(data, "ssh")),
             mirrors=self.mirrors(self.table(data, "mirrors")),
             policy=self.policy(self.table(data, "policy")),
+            storage=self.storage(self.table(data, "storage")),
         )
 
     def outputs(self, data: dict[str, Any]) -> tuple[Output, ...]:
@@ -369,6 +381,14 @@ class _Reader:
             security=self.string(
                 table, "security", "", re.compile(f"^$|{MIRROR_PATTERN.pattern}"), allowed, "mirrors.security"
             ),
+        )
+
+    def storage(self, table: dict[str, Any]) -> Storage:
+        self.unknown_keys(table, "storage.", ("claim_blank_disk",))
+        return Storage(
+            claim_blank_disk=self.boolean(
+                table, "claim_blank_disk", Storage().claim_blank_disk, "storage.claim_blank_disk"
+            )
         )
 
     def number(self, table: dict[str, Any], key: str, default: float, low: float, high: float, whole: bool) -> float:

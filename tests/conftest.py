@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from appliance.spec import default_spec_text
+
 
 def make_key(directory: Path, name: str = "operator") -> Path:
     """A fresh ed25519 key pair made by the real ssh-keygen; returns the private key path."""
@@ -30,9 +32,17 @@ def operator_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_key(tmp_path_factory.mktemp("keys"))
 
 
+def claiming_spec_text() -> str:
+    """The default spec, but the node may claim a blank disk (test_image_uefi.py gives it one)."""
+    default = default_spec_text()
+    changed = default.replace("claim_blank_disk = false", "claim_blank_disk = true")
+    assert changed != default, "the default spec no longer sets claim_blank_disk"
+    return changed
+
+
 @pytest.fixture(scope="session")
 def built_appliance(tmp_path_factory: pytest.TempPathFactory, operator_key: Path) -> Path:
-    """The default appliance, built once per session with the test operator key.
+    """The default appliance (claiming a blank disk), built once per session with the test operator key.
 
     APPLIANCE_TEST_BUILD=DIR with APPLIANCE_TEST_KEY=PRIVATE_KEY reuses an
     existing build (for working on the boot tests); CI always builds.
@@ -41,8 +51,10 @@ def built_appliance(tmp_path_factory: pytest.TempPathFactory, operator_key: Path
     if reuse:
         return Path(reuse)
     out_dir = tmp_path_factory.mktemp("build")
+    spec = tmp_path_factory.mktemp("spec") / "appliance.toml"
+    spec.write_text(claiming_spec_text())
     subprocess.run(
-        ["appliance", "build", "-o", str(out_dir), "--authorized-key", f"{operator_key}.pub"],
+        ["appliance", "build", str(spec), "-o", str(out_dir), "--authorized-key", f"{operator_key}.pub"],
         check=True,
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
     )

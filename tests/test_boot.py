@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from waiting import wait_until
 
-from appliance.boot import GIB, BootRequest, boot, prepare_disk
+from appliance.boot import GIB, BootRequest, boot, prepare_disk, prepare_extra_disk
 from appliance.qemu import QemuError, VmPaths
 
 
@@ -69,6 +69,25 @@ def test_a_new_build_or_fresh_disk_starts_over(tmp_path: Path) -> None:
     say = io.StringIO()
     prepare_disk(request(tmp_path, fresh_disk=True), write_build(tmp_path, "b2"), paths, say)
     assert "new" in say.getvalue() and "earlier boot" not in say.getvalue()
+
+
+def test_the_extra_disk_is_blank_when_made_then_kept_until_fresh_disk(tmp_path: Path) -> None:
+    paths = VmPaths(tmp_path / "run")
+    assert prepare_extra_disk(request(tmp_path), paths, io.StringIO()) is None
+    extra = prepare_extra_disk(request(tmp_path, extra_disk_gib=3), paths, io.StringIO())
+    assert extra == paths.extra_disk and virtual_size(extra) == 3 * GIB
+    # Blank: the node sees nothing on it, as on a new server's disk.
+    info = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(extra)],
+                                     capture_output=True, check=True).stdout)  # fmt: skip
+    assert all(not extent["data"] for extent in info)
+    extra.write_bytes(extra.read_bytes())  # the node wrote to it
+    stamp = extra.stat().st_mtime_ns
+    say = io.StringIO()
+    assert prepare_extra_disk(request(tmp_path, extra_disk_gib=3), paths, say) == extra
+    assert extra.stat().st_mtime_ns == stamp and "from an earlier boot" in say.getvalue()
+    say = io.StringIO()
+    prepare_extra_disk(request(tmp_path, extra_disk_gib=3, fresh_disk=True), paths, say)
+    assert "new blank 3 GiB" in say.getvalue()
 
 
 def test_a_build_without_a_disk_says_which_output_to_add(tmp_path: Path) -> None:

@@ -148,7 +148,15 @@ def test_the_node_finds_and_grows_the_data_partition_the_packer_makes(tmp_path: 
         "APPLIANCE_DATA_TYPE": DATA_TYPE.lower(),
         "APPLIANCE_STATE_DIR": "/var/lib/appliance",
         "APPLIANCE_STATE_USER": "ops",
+        "APPLIANCE_CLAIM_BLANK_DISK": "no",
     }
+
+
+def test_the_spec_lets_the_node_claim_a_blank_disk(tmp_path: Path) -> None:
+    spec = parse_spec("[storage]\nclaim_blank_disk = true", "t")
+    written = render_image_files(spec, IDENTITY, tmp_path)
+    (env_file,) = [path for path in written if path.name == "storage.env"]
+    assert "\nAPPLIANCE_CLAIM_BLANK_DISK=yes\n" in env_file.read_text()
 
 
 def test_tools_in_sbin_are_found_outside_roots_path(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,30 +1,60 @@
-"""The same ISO boots under UEFI firmware (OVMF) too (slow).
+"""The same ISO boots under UEFI firmware (OVMF) too, and claims a blank disk (slow).
 
 A module of its own: it runs after test_image.py has stopped its BIOS-booted
-node, since both use the build directory's run/ files.
+node, since both use the build directory's run/ files. The test build has
+[storage] claim_blank_disk = true (conftest.py); test_image.py's boot has no
+disk and keeps its state in RAM, this one is given a blank disk.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from appliance.client import Node, NodeAddress
+from appliance.pack.disk import DATA_LABEL, DATA_TYPE
 from appliance.render import READY_MARKER
 
 pytestmark = pytest.mark.slow
 
 
-def test_iso_boots_to_the_ready_marker_under_uefi(built_appliance: Path) -> None:
-    boot = [sys.executable, "-m", "appliance.cli", "boot", str(built_appliance), "--wait", "--uefi", "--timeout", "900"]
+def partitions_of(qcow2: Path, scratch: Path) -> tuple[list[dict], Path]:  # type: ignore[type-arg]
+    """The GPT partitions QEMU's guest wrote on a qcow2 disk, read from a raw copy."""
+    raw = scratch / "extra.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(qcow2), str(raw)], check=True)
+    listing = subprocess.run(["sfdisk", "-J", str(raw)], capture_output=True, text=True, check=True).stdout
+    return json.loads(listing)["partitiontable"]["partitions"], raw
+
+
+def test_iso_boots_under_uefi_and_claims_the_blank_disk(
+    built_appliance: Path, operator_key: Path, tmp_path: Path
+) -> None:
+    cli = [sys.executable, "-m", "appliance.cli"]
+    boot = [*cli, "boot", str(built_appliance), "--wait", "--uefi", "--timeout", "900", "--extra-disk", "2"]
+    run_dir = built_appliance / "run"
     try:
-        result = subprocess.run(boot, capture_output=True, text=True, check=False)
+        result = subprocess.run([*boot, "--fresh-disk"], capture_output=True, text=True, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
-        console = (built_appliance / "run" / "serial.log").read_text(errors="replace")
+        console = (run_dir / "serial.log").read_text(errors="replace")
         assert READY_MARKER in console
         # OVMF announces itself on the serial console; SeaBIOS never does.
         assert "BdsDxe" in console or "UEFI" in console, console[:2000]
+        assert "appliance: claiming blank disk /dev/vd" in console, console[-3000:]
+        address = NodeAddress("127.0.0.1", int((run_dir / "ssh-port").read_text()), "appliance")
+        with Node(address, operator_key, known_hosts=tmp_path / "known_hosts", timeout=120) as client:
+            assert client.call("host.report")["state_storage"] == "persistent"
     finally:
-        subprocess.run([sys.executable, "-m", "appliance.cli", "stop", str(built_appliance)], check=False)
+        subprocess.run([*cli, "stop", str(built_appliance)], check=False)
+    (partition,), raw = partitions_of(run_dir / "extra-disk.qcow2", tmp_path)
+    assert partition["name"] == DATA_LABEL and partition["type"] == DATA_TYPE.upper()
+    probe = subprocess.run(
+        ["blkid", "-p", "-O", str(partition["start"] * 512), "-o", "export", str(raw)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert f"LABEL={DATA_LABEL}" in probe and "TYPE=ext4" in probe

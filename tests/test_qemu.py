@@ -83,3 +83,13 @@ def test_qemu_argv_boots_from_the_network_with_qemu_tftp_handing_out_the_script(
     # The NIC keeps QEMU's iPXE ROM (other boots drop it) and is the first boot device.
     assert "virtio-net-pci,netdev=net0,bootindex=0" in argv
     assert not any("media=cdrom" in arg or "virtio-blk" in arg for arg in argv)
+
+
+def test_an_extra_disk_comes_after_the_boot_media_and_is_never_booted(tmp_path: Path) -> None:
+    extra = tmp_path / "run" / "extra-disk.qcow2"
+    config = BootConfig(media=tmp_path / "a.iso", accel=AccelChoice("tcg", "test"), ssh_port=2222, extra_disk=extra)
+    argv = qemu_argv(config, VmPaths(tmp_path / "run"))
+    assert argv.index(f"file={tmp_path / 'a.iso'},media=cdrom,readonly=on,if=ide") < argv.index(
+        f"file={extra},format=qcow2,if=none,id=disk1,discard=unmap"
+    )
+    assert "virtio-blk-pci,drive=disk1" in argv
