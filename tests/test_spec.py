@@ -33,6 +33,7 @@ def test_default_spec_text_parses_and_documents_every_top_level_key() -> None:
         "[ssh]",
         "[mirrors]",
         "[policy]",
+        "[storage]",
     ):
         assert key in text
 
@@ -68,6 +69,8 @@ def test_good_spec_is_read_into_typed_values(public_key: str) -> None:
     assert not spec.console.vga and spec.console.serial and spec.console.baud == 57600
     assert spec.ssh.user == "ops" and spec.ssh.authorized_keys == (public_key,)
     assert spec.mirrors.debian == "http://mirror.example/debian" and spec.mirrors.security == ""
+    assert not spec.storage.claim_blank_disk
+    assert parse_spec("[storage]\nclaim_blank_disk = true", "t").storage.claim_blank_disk
 
 
 @pytest.mark.parametrize(
@@ -108,12 +111,9 @@ def test_good_spec_is_read_into_typed_values(public_key: str) -> None:
         ('[policy]\ncpu_overcommit = "lots"', "policy.cpu_overcommit"),
         ("[policy]\nmax_guests = 0", "policy.max_guests"),
         ("[policy]\nguests = 3", "policy.guests"),
-        ("[policy]\nreserved_memory_mib = -1", "policy.reserved_memory_mib"),
-        ("[policy]\nreserved_memory_mib = 1.5", "policy.reserved_memory_mib"),
-        ("[policy]\nmemory_overcommit = 0", "policy.memory_overcommit"),
-        ('[policy]\ncpu_overcommit = "lots"', "policy.cpu_overcommit"),
-        ("[policy]\nmax_guests = 0", "policy.max_guests"),
-        ("[policy]\nguests = 3", "policy.guests"),
+        ('[storage]\nclaim_blank_disk = "yes"', "storage.claim_blank_disk"),
+        ("[storage]\nclaim = true", "storage.claim"),
+        ("storage = true", "storage"),
     ],
 )
 def test_bad_value_is_named_with_its_key(text: str, key: str) -> None:
