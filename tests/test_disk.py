@@ -1,20 +1,27 @@
 """The disk image flashed to a file and booted under OVMF (slow).
 
 The flashed file is the image byte for byte (flash reads it back against the
-manifest's sha256). The SeaBIOS boot from a copy-on-write overlay, the reboot
-that keeps the host key and the state, and the data partition grown to fill
-the disk are checked by test_e2e.py (`appliance selftest`): one boot here.
+manifest's sha256). A second disk carries the same image as another build
+would have made it (same labels, its own partition UUIDs and ESP serial): the
+node must boot and keep its state on its own disk, never on that one.
+
+The SeaBIOS boot from a copy-on-write overlay, the reboot that keeps the host
+key and the state, and the data partition grown to fill the disk are checked
+by test_e2e.py (`appliance selftest`): one boot here.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
+from appliance.pack.disk import DATA_LABEL, ESP_LABEL
 from appliance.render import READY_MARKER
 
 pytestmark = pytest.mark.slow
@@ -42,6 +49,33 @@ def raw_artifact(out_dir: Path) -> dict:  # type: ignore[type-arg]
     return raw
 
 
+def partitions(disk: Path) -> dict[str, dict]:  # type: ignore[type-arg]
+    """A disk file's GPT partitions by name."""
+    listing = subprocess.run(["sfdisk", "-J", str(disk)], capture_output=True, text=True, check=True).stdout
+    return {part["name"]: part for part in json.loads(listing)["partitiontable"]["partitions"]}
+
+
+def as_another_build(raw: Path, decoy: Path) -> None:
+    """RAW as another build of the same spec would be: new partition UUIDs and ESP serial."""
+    copy = decoy.with_suffix(".raw")
+    subprocess.run(["cp", "--sparse=always", str(raw), str(copy)], check=True)
+    for number, _ in enumerate(partitions(copy), start=1):
+        subprocess.run(["sfdisk", "--quiet", "--part-uuid", str(copy), str(number), str(uuid.uuid4())], check=True)
+    esp = partitions(copy)["esp"]["start"] * 512
+    subprocess.run(["mlabel", "-i", f"{copy}@@{esp}", "-N", "0DDC0FFE", f"::{ESP_LABEL}"],
+                   env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}, check=True)  # fmt: skip
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(copy), str(decoy)], check=True)
+    copy.unlink()
+
+
+def data_partition_size(disk: Path, scratch: Path, fmt: str) -> int:
+    raw = disk
+    if fmt == "qcow2":
+        raw = scratch / f"{disk.stem}.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(disk), str(raw)], check=True)
+    return int(partitions(raw)[DATA_LABEL]["size"]) * 512
+
+
 def test_disk_flashed_to_a_file_boots_under_uefi(built_appliance: Path, tmp_path: Path) -> None:
     # The flashed file, in a build directory of its own so that `appliance boot` takes it.
     flashed = tmp_path / "flashed"
@@ -51,11 +85,19 @@ def test_disk_flashed_to_a_file_boots_under_uefi(built_appliance: Path, tmp_path
     assert result.returncode == 0, result.stderr
     assert "matches the manifest" in result.stdout
     (flashed / "manifest.json").write_text((built_appliance / "manifest.json").read_text())
+    # The runner keeps an extra disk it finds in run/: this one is not blank.
+    decoy = flashed / "run" / "extra-disk.qcow2"
+    decoy.parent.mkdir()
+    as_another_build(flashed / raw["file"], decoy)
+    decoy_data = data_partition_size(decoy, tmp_path, "qcow2")
     try:
-        boot_disk(flashed, "--uefi")
+        boot_disk(flashed, "--uefi", "--extra-disk", "2")
         text = console(flashed)
         assert READY_MARKER in text and "root slot a on" in text
         # OVMF announces itself on the serial console; SeaBIOS never does.
         assert "BdsDxe" in text or "UEFI" in text, text[:2000]
     finally:
         appliance("stop", str(flashed))
+    # The node grew the data partition of the disk it booted from (its overlay), not the other's.
+    assert data_partition_size(flashed / "run" / "disk.qcow2", tmp_path, "qcow2") > 2 << 30
+    assert data_partition_size(decoy, tmp_path, "qcow2") == decoy_data

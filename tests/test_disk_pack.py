@@ -16,6 +16,7 @@ from appliance.pack.disk import (
     MiB,
     esp_serial,
     grub_fs_uuid,
+    grub_values,
     partition_table_script,
     patch_boot_sector,
     patch_core_blocklist,
@@ -39,7 +40,7 @@ def test_slots_have_room_for_a_build_at_the_size_budget() -> None:
 
 
 def test_layout_is_aligned_in_order_and_leaves_room_for_the_backup_gpt() -> None:
-    layout = plan_layout(320 * MiB)
+    layout = plan_layout(320 * MiB, IDENTITY.build_id)
     names = [partition.name for partition in layout.partitions]
     assert names == ["bios", "esp", "appliance-a", "appliance-b", "appliance-data"]
     assert [p.number for p in layout.partitions] == [1, 2, 3, 4, 5]
@@ -54,7 +55,7 @@ def test_layout_is_aligned_in_order_and_leaves_room_for_the_backup_gpt() -> None
 
 
 def test_sfdisk_writes_the_planned_table_into_a_file(tmp_path: Path) -> None:
-    layout = plan_layout(64 * MiB)
+    layout = plan_layout(64 * MiB, IDENTITY.build_id)
     image = tmp_path / "disk.raw"
     with image.open("wb") as stream:
         stream.truncate(layout.size)
@@ -63,8 +64,8 @@ def test_sfdisk_writes_the_planned_table_into_a_file(tmp_path: Path) -> None:
                    input=script.encode(), check=True)  # fmt: skip
     table = json.loads(subprocess.run(["sfdisk", "-J", str(image)], capture_output=True, check=True).stdout)
     found = table["partitiontable"]["partitions"]
-    assert [(p["start"], p["size"], p["name"]) for p in found] == [
-        (p.start_lba, p.size_lba, p.name) for p in layout.partitions
+    assert [(p["start"], p["size"], p["name"], p["uuid"]) for p in found] == [
+        (p.start_lba, p.size_lba, p.name, p.uuid.upper()) for p in layout.partitions
     ]
     assert found[1]["type"] == ESP_TYPE and found[4]["type"] == DATA_TYPE
 
@@ -116,12 +117,27 @@ def test_esp_serial_is_stable_per_build_and_named_as_grub_names_it() -> None:
     assert grub_fs_uuid("75309B89") == "7530-9B89"
 
 
-def test_disk_grub_config_picks_the_slot_from_the_environment_block() -> None:
-    values = {"esp_uuid": "7530-9B89", "slot_label_prefix": "appliance-"}
+def test_partition_uuids_belong_to_the_build() -> None:
+    one, again, other = (plan_layout(64 * MiB, build) for build in ("b1", "b1", "b2"))
+    assert [p.uuid for p in one.partitions] == [p.uuid for p in again.partitions]
+    assert not {p.uuid for p in one.partitions} & {p.uuid for p in other.partitions}
+    assert len({p.uuid for p in one.partitions}) == len(one.partitions)
+
+
+def test_disk_grub_config_boots_the_slot_from_the_environment_block_on_its_own_disk() -> None:
+    layout = plan_layout(64 * MiB, IDENTITY.build_id)
+    values = grub_values(layout, "75309B89")
     cfg = render_boot_file("disk-grub.cfg", Spec(), IDENTITY, values=values)
     assert "load_env --file $prefix/grubenv appliance_slot" in cfg
-    assert "search --no-floppy --label --set=slot appliance-$appliance_slot" in cfg
-    assert "live-media=/dev/disk/by-label/appliance-$appliance_slot" in cfg
+    # No search by label: another disk may carry the same labels.
+    assert "search" not in cfg and "by-label" not in cfg
+    assert "regexp --set=1:appliance_disk '^([^,]+)' \"$root\"" in cfg
+    for letter, label in (("a", "appliance-a"), ("b", "appliance-b")):
+        slot = layout.partition(label)
+        chosen = f'if [ "$appliance_slot" = {letter} ]; then\n'
+        chosen += f'        set slot="$appliance_disk,gpt{slot.number}"\n        set slot_uuid={slot.uuid}\n'
+        assert chosen in cfg
+    assert "live-media=/dev/disk/by-partuuid/$slot_uuid" in cfg
     assert "boot=live" in cfg and "console=ttyS0,115200n8" in cfg
     early = render_boot_file("disk-early.cfg", Spec(), IDENTITY, values=values)
     assert "search --no-floppy --fs-uuid --set=root 7530-9B89" in early

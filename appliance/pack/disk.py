@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +38,11 @@ LINUX_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 # with the slots' generic Linux type it would take slot A for the data partition.
 # elements/appliance-data/static/usr/lib/appliance/repart.d/50-data.conf names it too.
 DATA_TYPE = "A2D5BDB4-D4D3-5922-90FE-93CCD2F7B268"
+# Partition UUIDs are uuid5(this, "BUILD_ID/NAME").
+PARTITION_UUID_NAMESPACE = uuid.UUID("5d0c4f4e-7a0b-4c49-9d43-1f3b7ad1a9e2")
 
-SLOT_LABEL_PREFIX = "appliance-"
 SLOT_LABELS = ("appliance-a", "appliance-b")
+SLOT_LETTERS = ("a", "b")
 DATA_LABEL = "appliance-data"
 ESP_LABEL = "APPLIANCE"
 GRUBENV_SLOT = "appliance_slot"
@@ -64,7 +67,7 @@ CORE_REST_SEGMENT = 0x820
 
 GRUB_MODULES = (
     "part_gpt", "fat", "ext2", "search", "search_fs_uuid", "search_label", "normal", "configfile",
-    "linux", "boot", "echo", "test", "loadenv", "serial", "terminal",
+    "linux", "boot", "echo", "test", "loadenv", "serial", "terminal", "regexp",
 )  # fmt: skip
 BIOS_MODULES = ("biosdisk",)
 EFI_MODULES = ("efi_gop",)
@@ -77,6 +80,7 @@ class Partition:
     type_uuid: str
     start: int  # bytes
     size: int  # bytes
+    uuid: str  # GPT partition UUID, unique to the build (partition_uuid)
 
     @property
     def start_lba(self) -> int:
@@ -122,7 +126,13 @@ def slot_size(content_bytes: int, budget_bytes: int, kernel_and_initrd_bytes: in
     return round_up(int(wanted * SLOT_OVERHEAD), SLOT_ALIGN)
 
 
-def plan_layout(slot_bytes: int, esp_bytes: int = ESP_BYTES, data_bytes: int = DATA_BYTES) -> DiskLayout:
+def partition_uuid(build_id: str, name: str) -> str:
+    """A partition's GPT UUID, derived from the build: the same image flashed twice has the
+    same, another build never does, so the kernel can be told which slot to boot by it."""
+    return str(uuid.uuid5(PARTITION_UUID_NAMESPACE, f"{build_id}/{name}"))
+
+
+def plan_layout(slot_bytes: int, build_id: str, esp_bytes: int = ESP_BYTES, data_bytes: int = DATA_BYTES) -> DiskLayout:
     """Partitions in order from 1 MiB on, each aligned to 1 MiB; 1 MiB spare at the end
     holds the backup GPT."""
     wanted = (
@@ -137,7 +147,7 @@ def plan_layout(slot_bytes: int, esp_bytes: int = ESP_BYTES, data_bytes: int = D
     for number, (name, type_uuid, size) in enumerate(wanted, start=1):
         if size % MiB:
             raise ValueError(f"partition {name} is {size} bytes, not a whole number of MiB")
-        partitions.append(Partition(number, name, type_uuid, start, size))
+        partitions.append(Partition(number, name, type_uuid, start, size, partition_uuid(build_id, name)))
         start += size
     return DiskLayout(partitions=tuple(partitions), size=start + MiB)
 
@@ -157,6 +167,16 @@ def esp_serial(build_id: str) -> str:
 def grub_fs_uuid(serial: str) -> str:
     """How GRUB names a vfat serial: XXXX-XXXX."""
     return f"{serial[:4]}-{serial[4:]}"
+
+
+def grub_values(layout: DiskLayout, serial: str) -> dict[str, object]:
+    """What the GRUB templates need: the ESP's serial, and each root slot's partition
+    number and UUID (GRUB reads the slot on its own disk, the kernel finds it by UUID)."""
+    slots = [
+        {"letter": letter, "number": layout.partition(label).number, "uuid": layout.partition(label).uuid}
+        for letter, label in zip(SLOT_LETTERS, SLOT_LABELS, strict=True)
+    ]
+    return {"esp_uuid": grub_fs_uuid(serial), "slots": slots}
 
 
 def patch_boot_sector(current: bytes, boot_img: bytes, core_lba: int) -> bytes:
@@ -233,9 +253,9 @@ def make_disk(live: LiveSet, spec: Spec, identity: BuildIdentity, out_dir: Path)
     files = (live.squashfs, live.kernel, live.initrd)
     content = sum(path.stat().st_size for path in files)
     slot = slot_size(content, spec.size_budget_mb * 1_000_000, live.kernel.stat().st_size + live.initrd.stat().st_size)
-    layout = plan_layout(slot)
+    layout = plan_layout(slot, identity.build_id)
     serial = esp_serial(identity.build_id)
-    values = {"esp_uuid": grub_fs_uuid(serial), "slot_label_prefix": SLOT_LABEL_PREFIX}
+    values = grub_values(layout, serial)
 
     raw.unlink(missing_ok=True)
     with raw.open("wb") as stream:
