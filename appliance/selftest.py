@@ -158,7 +158,7 @@ def run_steps(
         say.write(
             f"  {host['hostname']} build {host['build_id']}, accelerator {host['accelerator']}, "
             f"guests run as {host.get('guest_supervisor', 'processes')}, state in {host.get('state_storage')} "
-            f"({int(host['storage_total_bytes']) / GIB:.1f} GiB), "
+            f"{host.get('state_device') or ''} ({int(host['storage_total_bytes']) / GIB:.1f} GiB), "
             f"host key {fingerprint}\n"
         )
     with connected(address, options, known_hosts) as node:

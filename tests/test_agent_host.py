@@ -14,6 +14,7 @@ from appliance.agent.host import (
     read_build_id,
     read_meminfo,
     read_rss,
+    read_state_device,
     read_state_storage,
 )
 
@@ -121,3 +122,7 @@ def test_state_storage_is_read_from_the_boot_marker(tmp_path: Path) -> None:
     assert read_state_storage(marker) == "unknown"
     marker.write_text("ram\n")
     assert read_state_storage(marker) == "ram"
+    device = tmp_path / "storage-device"
+    assert read_state_device(device) == ""
+    device.write_text("/dev/vda5\n")
+    assert read_state_device(device) == "/dev/vda5"

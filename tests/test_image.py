@@ -140,7 +140,7 @@ def test_agent_reports_over_ssh_with_the_operator_key(node: BootedNode) -> None:
     assert report["memory_total_bytes"] > 1_000_000_000
     assert report["kvm"]["present"] in (True, False)
     # Booted from the ISO: no data partition, and the report says so.
-    assert report["state_storage"] == "ram"
+    assert report["state_storage"] == "ram" and report["state_device"] == ""
 
 
 def test_root_and_unknown_users_are_refused(node: BootedNode) -> None:

@@ -46,7 +46,10 @@ def test_iso_boots_under_uefi_and_claims_the_blank_disk(
         assert "appliance: claiming blank disk /dev/vd" in console, console[-3000:]
         address = NodeAddress("127.0.0.1", int((run_dir / "ssh-port").read_text()), "appliance")
         with Node(address, operator_key, known_hosts=tmp_path / "known_hosts", timeout=120) as client:
-            assert client.call("host.report")["state_storage"] == "persistent"
+            report = client.call("host.report")
+        assert report["state_storage"] == "persistent"
+        # The ISO is on the IDE CD drive: the claimed disk is the only virtio one.
+        assert report["state_device"] == "/dev/vda1"
     finally:
         subprocess.run([*cli, "stop", str(built_appliance)], check=False)
     (partition,), raw = partitions_of(run_dir / "extra-disk.qcow2", tmp_path)

@@ -33,6 +33,8 @@ class HostReport:
     uptime_seconds: float
     # "persistent" (the data partition), "ram" (lost at shutdown), or "unknown" off an appliance.
     state_storage: str
+    # The partition holding it when persistent, e.g. /dev/vda5 or a claimed disk's /dev/sdb1; else "".
+    state_device: str
     agent_rss_bytes: int
 
     def to_json(self) -> dict[str, object]:
@@ -103,6 +105,7 @@ def probe_kvm(device: Path = Path("/dev/kvm")) -> KvmState:
 
 
 STORAGE_MARKER = Path("/run/appliance/storage")
+STORAGE_DEVICE_MARKER = Path("/run/appliance/storage-device")
 
 
 def read_state_storage(marker: Path = STORAGE_MARKER) -> str:
@@ -111,6 +114,14 @@ def read_state_storage(marker: Path = STORAGE_MARKER) -> str:
         return marker.read_text().strip() or "unknown"
     except OSError:
         return "unknown"
+
+
+def read_state_device(marker: Path = STORAGE_DEVICE_MARKER) -> str:
+    """The partition appliance-storage.service mounted for the state; "" if none."""
+    try:
+        return marker.read_text().strip()
+    except OSError:
+        return ""
 
 
 def collect_report(build_info_path: Path) -> HostReport:
@@ -126,5 +137,6 @@ def collect_report(build_info_path: Path) -> HostReport:
         kvm=probe_kvm(),
         uptime_seconds=read_uptime(),
         state_storage=read_state_storage(),
+        state_device=read_state_device(),
         agent_rss_bytes=read_rss(),
     )
