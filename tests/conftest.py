@@ -32,17 +32,23 @@ def operator_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_key(tmp_path_factory.mktemp("keys"))
 
 
-def claiming_spec_text() -> str:
-    """The default spec, but the node may claim a blank disk (test_image_uefi.py gives it one)."""
-    default = default_spec_text()
-    changed = default.replace("claim_blank_disk = false", "claim_blank_disk = true")
-    assert changed != default, "the default spec no longer sets claim_blank_disk"
-    return changed
+def spec_text_for_tests(operator_public_key: str) -> str:
+    """The default spec, but the node may claim a blank disk (test_image_uefi.py gives it
+    one), and the operator key also opens the break-glass shell (test_image.py uses it)."""
+    changes = {
+        "claim_blank_disk = false": "claim_blank_disk = true",
+        "break_glass_keys = []": f'break_glass_keys = ["{operator_public_key}"]',
+    }
+    text = default_spec_text()
+    for default, wanted in changes.items():
+        assert default in text, f"the default spec no longer says {default}"
+        text = text.replace(default, wanted)
+    return text
 
 
 @pytest.fixture(scope="session")
 def built_appliance(tmp_path_factory: pytest.TempPathFactory, operator_key: Path) -> Path:
-    """The default appliance (claiming a blank disk), built once per session with the test operator key.
+    """The default appliance (see spec_text_for_tests), built once per session with the test operator key.
 
     APPLIANCE_TEST_BUILD=DIR with APPLIANCE_TEST_KEY=PRIVATE_KEY reuses an
     existing build (for working on the boot tests); CI always builds.
@@ -52,7 +58,7 @@ def built_appliance(tmp_path_factory: pytest.TempPathFactory, operator_key: Path
         return Path(reuse)
     out_dir = tmp_path_factory.mktemp("build")
     spec = tmp_path_factory.mktemp("spec") / "appliance.toml"
-    spec.write_text(claiming_spec_text())
+    spec.write_text(spec_text_for_tests(Path(f"{operator_key}.pub").read_text().strip()))
     subprocess.run(
         ["appliance", "build", str(spec), "-o", str(out_dir), "--authorized-key", f"{operator_key}.pub"],
         check=True,

@@ -143,6 +143,12 @@ def test_agent_reports_over_ssh_with_the_operator_key(node: BootedNode) -> None:
     assert report["state_storage"] == "ram" and report["state_device"] == ""
 
 
+def test_break_glass_key_gets_a_root_shell(node: BootedNode) -> None:
+    # The test build lists the operator key as a break-glass key too (conftest.py).
+    result = node.ssh("sudo", "-n", "id", "-u", user="breakglass")
+    assert result.returncode == 0 and result.stdout.strip() == "0", result.stderr
+
+
 def test_root_and_unknown_users_are_refused(node: BootedNode) -> None:
     assert node.ssh("true", user="root").returncode == 255
     assert node.ssh("true", user="nobody").returncode == 255
@@ -179,6 +185,18 @@ def test_guests_run_as_systemd_units_of_the_agent_user(node: BootedNode, tmp_pat
 
         client.call("guest.set_cpu", {"name": "unit-g", "cpu_quota_percent": 50})
         assert client.call("guest.info", {"name": "unit-g"})["cgroup"]["cpu.max"] == "50000 100000"
+
+        # A QEMU that dies (killed here through the break-glass shell) is started again by
+        # systemd, as restart=on-failure asks; the agent sees the new process.
+        crashed = info["pid"]
+        killed = node.ssh("sudo", "-n", "kill", "-KILL", str(crashed), user="breakglass")
+        assert killed.returncode == 0, killed.stderr
+
+        def restarted() -> bool:
+            now = client.call("guest.info", {"name": "unit-g"})
+            return now["state"] == "running" and now["pid"] not in (None, crashed)
+
+        wait_until(restarted, 120, "systemd to restart the killed guest")
 
         # The boot sector ignores ACPI: the unit's ExecStop waits, then systemd ends QEMU, and
         # the restart policy does not bring back a guest an operator stopped.
