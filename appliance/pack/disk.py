@@ -66,7 +66,7 @@ BLOCKLIST_SIZE = 12
 CORE_REST_SEGMENT = 0x820
 
 GRUB_MODULES = (
-    "part_gpt", "fat", "ext2", "search", "search_fs_uuid", "search_label", "normal", "configfile",
+    "part_gpt", "fat", "ext2", "search", "search_fs_uuid", "normal", "configfile",
     "linux", "boot", "echo", "test", "loadenv", "serial", "terminal", "regexp",
 )  # fmt: skip
 BIOS_MODULES = ("biosdisk",)
