@@ -139,6 +139,9 @@ def test_agent_reports_over_ssh_with_the_operator_key(node: BootedNode) -> None:
     assert report["hostname"] == "appliance"
     assert report["memory_total_bytes"] > 1_000_000_000
     assert report["kvm"]["present"] in (True, False)
+    if "accelerator: tcg" in node.boot_output:
+        # QEMU emulates the node: it knows, and does not try KVM on emulated SVM.
+        assert report["accelerator"] == "tcg" and "emulated by QEMU" in report["accelerator_reason"]
     # Booted from the ISO: no data partition, and the report says so.
     assert report["state_storage"] == "ram" and report["state_device"] == ""
 

@@ -19,6 +19,23 @@ def test_probe_without_kvm_device_chooses_tcg_and_says_why(tmp_path: Path) -> No
     assert "no-kvm" in choice.reason
 
 
+def test_a_machine_qemu_emulates_runs_its_guests_under_tcg_without_probing(tmp_path: Path) -> None:
+    # Stands in for systemd-detect-virt's answer inside a TCG guest (this host is a KVM guest);
+    # the booted node's report shows the real one (test_image.py).
+    detect_virt = tmp_path / "systemd-detect-virt"
+    detect_virt.write_text("#!/bin/sh\necho qemu\n")
+    detect_virt.chmod(0o755)
+    kvm = tmp_path / "kvm"
+    kvm.touch()
+    choice = probe_accel(qemu=str(tmp_path / "no-qemu-here"), kvm_device=kvm, detect_virt=str(detect_virt))
+    assert choice.accel == "tcg" and "emulated by QEMU" in choice.reason
+    # Any other answer, or no systemd-detect-virt at all, leaves it to the probe.
+    detect_virt.write_text("#!/bin/sh\necho kvm\n")
+    for detect in (str(detect_virt), str(tmp_path / "missing")):
+        choice = probe_accel(qemu=str(tmp_path / "no-qemu-here"), kvm_device=kvm, detect_virt=detect)
+        assert choice.accel == "tcg" and "cannot start" in choice.reason
+
+
 def test_probe_gives_a_definite_answer_on_this_machine() -> None:
     choice = probe_accel()
     assert choice.accel in ("kvm", "tcg") and choice.reason

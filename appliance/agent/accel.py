@@ -21,6 +21,7 @@ QEMU = "qemu-system-x86_64"
 PROBE_MARKER = b"KVMOK"
 PROBE_SECONDS = 5.0
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+DETECT_VIRT = "systemd-detect-virt"
 
 # A 512-byte boot sector that writes PROBE_MARKER to COM1 and halts:
 #   xor ax,ax; mov ds,ax; cld; mov dx,0x3f8; mov si,msg
@@ -72,10 +73,27 @@ def run_probe_guest(accel: str, cpu: str, timeout: float, qemu: str = QEMU) -> P
         return ProbeResult(False, lines[0] if lines else f"no output from the probe guest within {timeout:.0f}s")
 
 
-def probe_accel(qemu: str = QEMU, kvm_device: Path = Path("/dev/kvm")) -> AccelChoice:
+def emulated_by_qemu(detect_virt: str = DETECT_VIRT) -> bool:
+    """Whether this machine is a QEMU guest without KVM under it (TCG).
+
+    systemd-detect-virt says "kvm" for a KVM guest and "qemu" for one QEMU
+    emulates. There, /dev/kvm sits on emulated SVM: running a guest on it is
+    slow, and the probe once panicked a booted node's kernel ("corrupted stack
+    end detected inside scheduler") under this project's CI.
+    """
+    try:
+        result = subprocess.run([detect_virt, "--vm"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.stdout.strip() == "qemu"
+
+
+def probe_accel(qemu: str = QEMU, kvm_device: Path = Path("/dev/kvm"), detect_virt: str = DETECT_VIRT) -> AccelChoice:
     """KVM if a probe guest prints its marker under it within a few seconds, else TCG."""
     if not os.access(kvm_device, os.R_OK | os.W_OK):
         return AccelChoice("tcg", f"{kvm_device} is missing or not accessible")
+    if emulated_by_qemu(detect_virt):
+        return AccelChoice("tcg", "this machine is itself emulated by QEMU (TCG): its KVM would be emulated too")
     probe = run_probe_guest("kvm", "host", PROBE_SECONDS, qemu)
     if probe.ran:
         return AccelChoice("kvm", probe.detail)
