@@ -266,7 +266,9 @@ def stop_guest(host: Host, store: Store, name: str, timeout: float) -> dict[str,
         paths.stop_timeout.write_text(f"{timeout}\n")
         paths.last_stop.unlink(missing_ok=True)
         stop_unit(host.units, name)
-        forced = paths.last_stop.exists() and paths.last_stop.read_text().strip() != "clean"
+        # No word from ExecStop means it never ran (the unit was still starting, say):
+        # systemd's SIGTERM ended QEMU, which is a forced stop.
+        forced = not (paths.last_stop.exists() and paths.last_stop.read_text().strip() == "clean")
         return {"name": name, "forced": forced}
     with qmp(host, name) as client:
         client.execute("system_powerdown")
