@@ -97,25 +97,25 @@ class BootConfig:
     extra_disk: Path | None = None  # a qcow2 attached after the boot media, never booted from
 
 
+def make_qcow2(image: Path, size_bytes: int, what: str, backing_raw: Path | None = None) -> None:
+    """A new qcow2 of SIZE_BYTES in place of any old one; over BACKING_RAW when given."""
+    image.parent.mkdir(parents=True, exist_ok=True)
+    image.unlink(missing_ok=True)
+    backing = ["-b", str(backing_raw.resolve()), "-F", "raw"] if backing_raw else []
+    try:
+        run(["qemu-img", "create", "-q", "-f", "qcow2", *backing, str(image), str(size_bytes)])
+    except CommandError as error:
+        raise QemuError(f"cannot make the {what} {image}: {error.output_tail}") from error
+
+
 def make_disk_overlay(backing: Path, overlay: Path, size_bytes: int) -> None:
     """A qcow2 over BACKING (raw), SIZE_BYTES large: the guest writes into it, never into the image."""
-    overlay.parent.mkdir(parents=True, exist_ok=True)
-    overlay.unlink(missing_ok=True)
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing.resolve()), "-F", "raw"]
-    try:
-        run([*argv, str(overlay), str(size_bytes)])
-    except CommandError as error:
-        raise QemuError(f"cannot make the disk overlay {overlay}: {error.output_tail}") from error
+    make_qcow2(overlay, size_bytes, "disk overlay", backing_raw=backing)
 
 
 def make_blank_disk(disk: Path, size_bytes: int) -> None:
     """An empty qcow2 of SIZE_BYTES: a disk with nothing on it, as a new server's is."""
-    disk.parent.mkdir(parents=True, exist_ok=True)
-    disk.unlink(missing_ok=True)
-    try:
-        run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(size_bytes)])
-    except CommandError as error:
-        raise QemuError(f"cannot make the blank disk {disk}: {error.output_tail}") from error
+    make_qcow2(disk, size_bytes, "blank disk")
 
 
 def find_ovmf() -> tuple[Path, Path]:

@@ -108,20 +108,22 @@ STORAGE_MARKER = Path("/run/appliance/storage")
 STORAGE_DEVICE_MARKER = Path("/run/appliance/storage-device")
 
 
-def read_state_storage(marker: Path = STORAGE_MARKER) -> str:
-    """Where the node keeps its state, as the boot's appliance-storage.service wrote it."""
-    try:
-        return marker.read_text().strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def read_state_device(marker: Path = STORAGE_DEVICE_MARKER) -> str:
-    """The partition appliance-storage.service mounted for the state; "" if none."""
+def read_boot_marker(marker: Path) -> str:
+    """What a boot-time service wrote into a /run file for the agent; "" if nothing."""
     try:
         return marker.read_text().strip()
     except OSError:
         return ""
+
+
+def read_state_storage(marker: Path = STORAGE_MARKER) -> str:
+    """Where the node keeps its state, as the boot's appliance-storage.service wrote it."""
+    return read_boot_marker(marker) or "unknown"
+
+
+def read_state_device(marker: Path = STORAGE_DEVICE_MARKER) -> str:
+    """The partition appliance-storage.service mounted for the state; "" if none."""
+    return read_boot_marker(marker)
 
 
 def collect_report(build_info_path: Path) -> HostReport:
