@@ -8,9 +8,10 @@ systemd-repart definition on a blank file, as the node runs it on a disk.
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
+
+from disk_files import gpt_partitions, probe_partition
 
 from appliance.pack.disk import DATA_LABEL, DATA_TYPE
 
@@ -86,19 +87,12 @@ def test_a_claimed_disk_gets_the_data_partition_once(tmp_path: Path) -> None:
         file.truncate(GIB)
     claim = ["systemd-repart", "--empty=require", "--dry-run=no", "--no-pager", f"--definitions={REPART_DEFINITIONS}"]
     subprocess.run([*claim, str(disk)], capture_output=True, check=True)
-    (partition,) = json.loads(subprocess.run(["sfdisk", "-J", str(disk)], capture_output=True, check=True).stdout)[
-        "partitiontable"
-    ]["partitions"]
+    (partition,) = gpt_partitions(disk)
     assert partition["name"] == DATA_LABEL and partition["type"] == DATA_TYPE.upper()
     # It fills the disk, less GPT's own room at each end.
     assert partition["size"] * 512 > GIB - (4 << 20)
-    probe = subprocess.run(
-        ["blkid", "-p", "-O", str(partition["start"] * 512), "-o", "export", str(disk)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert f"LABEL={DATA_LABEL}" in probe.splitlines() and "TYPE=ext4" in probe.splitlines()
+    probe = probe_partition(disk, partition)
+    assert f"LABEL={DATA_LABEL}" in probe and "TYPE=ext4" in probe
     # A second claim (a disk that is no longer blank) is refused, not redone.
     again = subprocess.run([*claim, str(disk)], capture_output=True, text=True, check=False)
     assert again.returncode != 0 and "refusing" in again.stderr

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from disk_files import gpt_partitions, qcow2_as_raw
 
 from appliance.pack.disk import DATA_LABEL, ESP_LABEL
 from appliance.render import READY_MARKER
@@ -51,8 +52,7 @@ def raw_artifact(out_dir: Path) -> dict:  # type: ignore[type-arg]
 
 def partitions(disk: Path) -> dict[str, dict]:  # type: ignore[type-arg]
     """A disk file's GPT partitions by name."""
-    listing = subprocess.run(["sfdisk", "-J", str(disk)], capture_output=True, text=True, check=True).stdout
-    return {part["name"]: part for part in json.loads(listing)["partitiontable"]["partitions"]}
+    return {part["name"]: part for part in gpt_partitions(disk)}
 
 
 def as_another_build(raw: Path, decoy: Path) -> None:
@@ -68,11 +68,8 @@ def as_another_build(raw: Path, decoy: Path) -> None:
     copy.unlink()
 
 
-def data_partition_size(disk: Path, scratch: Path, fmt: str) -> int:
-    raw = disk
-    if fmt == "qcow2":
-        raw = scratch / f"{disk.stem}.raw"
-        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(disk), str(raw)], check=True)
+def data_partition_size(qcow2: Path, scratch: Path) -> int:
+    raw = qcow2_as_raw(qcow2, scratch / f"{qcow2.stem}.raw")
     return int(partitions(raw)[DATA_LABEL]["size"]) * 512
 
 
@@ -89,7 +86,7 @@ def test_disk_flashed_to_a_file_boots_under_uefi(built_appliance: Path, tmp_path
     decoy = flashed / "run" / "extra-disk.qcow2"
     decoy.parent.mkdir()
     as_another_build(flashed / raw["file"], decoy)
-    decoy_data = data_partition_size(decoy, tmp_path, "qcow2")
+    decoy_data = data_partition_size(decoy, tmp_path)
     try:
         boot_disk(flashed, "--uefi", "--extra-disk", "2")
         text = console(flashed)
@@ -99,5 +96,5 @@ def test_disk_flashed_to_a_file_boots_under_uefi(built_appliance: Path, tmp_path
     finally:
         appliance("stop", str(flashed))
     # The node grew the data partition of the disk it booted from (its overlay), not the other's.
-    assert data_partition_size(flashed / "run" / "disk.qcow2", tmp_path, "qcow2") > 2 << 30
-    assert data_partition_size(decoy, tmp_path, "qcow2") == decoy_data
+    assert data_partition_size(flashed / "run" / "disk.qcow2", tmp_path) > 2 << 30
+    assert data_partition_size(decoy, tmp_path) == decoy_data

@@ -8,26 +8,18 @@ disk and keeps its state in RAM, this one is given a blank disk.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from disk_files import gpt_partitions, probe_partition, qcow2_as_raw
 
 from appliance.client import Node, NodeAddress
 from appliance.pack.disk import DATA_LABEL, DATA_TYPE
 from appliance.render import READY_MARKER
 
 pytestmark = pytest.mark.slow
-
-
-def partitions_of(qcow2: Path, scratch: Path) -> tuple[list[dict], Path]:  # type: ignore[type-arg]
-    """The GPT partitions QEMU's guest wrote on a qcow2 disk, read from a raw copy."""
-    raw = scratch / "extra.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(qcow2), str(raw)], check=True)
-    listing = subprocess.run(["sfdisk", "-J", str(raw)], capture_output=True, text=True, check=True).stdout
-    return json.loads(listing)["partitiontable"]["partitions"], raw
 
 
 def test_iso_boots_under_uefi_and_claims_the_blank_disk(
@@ -52,12 +44,9 @@ def test_iso_boots_under_uefi_and_claims_the_blank_disk(
         assert report["state_device"] == "/dev/vda1"
     finally:
         subprocess.run([*cli, "stop", str(built_appliance)], check=False)
-    (partition,), raw = partitions_of(run_dir / "extra-disk.qcow2", tmp_path)
+    # What the node wrote on the disk QEMU gave it, read from a raw copy.
+    raw = qcow2_as_raw(run_dir / "extra-disk.qcow2", tmp_path / "extra.raw")
+    (partition,) = gpt_partitions(raw)
     assert partition["name"] == DATA_LABEL and partition["type"] == DATA_TYPE.upper()
-    probe = subprocess.run(
-        ["blkid", "-p", "-O", str(partition["start"] * 512), "-o", "export", str(raw)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
+    probe = probe_partition(raw, partition)
     assert f"LABEL={DATA_LABEL}" in probe and "TYPE=ext4" in probe
