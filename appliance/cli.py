@@ -9,19 +9,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from appliance import __version__
-from appliance.boot import DEFAULT_DISK_GIB, BootRequest, boot
-from appliance.build import MissingToolsError, build, read_key_files
-from appliance.client import DEFAULT_KNOWN_HOSTS, Node, NodeAddress, NodeError, parse_address
-from appliance.dib import DEFAULT_CACHE_DIR, BuildError
-from appliance.flash import FlashError, flash
-from appliance.fleet import DEFAULT_CONCURRENCY, HostOutcome, InventoryError, fan_out, load_inventory
-from appliance.pack.budget import BudgetError
-from appliance.pack.live import PackError
+from appliance.boot.boot import DEFAULT_DISK_GIB, BootRequest, boot
+from appliance.boot.selftest import SelftestError, SelftestOptions, selftest
+from appliance.boot.vm import QemuError, VmPaths, stop_recorded_vm
+from appliance.build.dib import DEFAULT_CACHE_DIR, BuildError
+from appliance.build.pack.budget import BudgetError
+from appliance.build.pack.live import PackError
+from appliance.build.pipeline import MissingToolsError, build, read_key_files
+from appliance.deploy.flash import FlashError, flash
+from appliance.deploy.pxe_server import CHAIN_SCRIPT, PxeError, read_pxe_set, start_pxe_server
+from appliance.nodes.client import DEFAULT_KNOWN_HOSTS, Node, NodeAddress, NodeError, parse_address
+from appliance.nodes.fleet import DEFAULT_CONCURRENCY, HostOutcome, InventoryError, fan_out, load_inventory
 from appliance.progress import Progress
-from appliance.pxe import CHAIN_SCRIPT, PxeError, read_pxe_set, start_pxe_server
-from appliance.qemu import QemuError, VmPaths, stop_recorded_vm
 from appliance.run import CommandError
-from appliance.selftest import SelftestError, SelftestOptions, selftest
 from appliance.spec import SpecError, default_spec_text, load_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130

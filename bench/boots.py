@@ -1,7 +1,7 @@
 """3-4. Boot the build in QEMU and time it: to SSH-ready and to agent-ready; then the node's memory, and
 round-trips to its agent (for section 5).
 
-The same runner `appliance boot --wait` uses (appliance.qemu.start_vm); agent-ready is the same
+The same runner `appliance boot --wait` uses (appliance.boot.vm.start_vm); agent-ready is the same
 measure it prints as `ready after` (QEMU start to APPLIANCE-READY on the serial console). SSH-ready
 is QEMU start to the first SSH connection whose agent answered agent.hello, tried every half second
 from a thread while the console is watched.
@@ -22,11 +22,11 @@ from figures import Section, mebibytes, median_text, summary
 from round_trips import RoundTrips, connect_first_samples, open_channel_samples
 
 from appliance.agent.accel import AccelChoice
-from appliance.boot import BootRequest, find_artifact, find_iso, prepare_disk, read_build
-from appliance.client import Node, NodeAddress, NodeError
+from appliance.boot.boot import BootRequest, find_artifact, find_iso, prepare_disk, read_build
+from appliance.boot.vm import BootConfig, QemuError, RunningVm, VmPaths, free_local_port, start_vm
+from appliance.build.render import READY_MARKER
+from appliance.nodes.client import Node, NodeAddress, NodeError
 from appliance.progress import Progress
-from appliance.qemu import BootConfig, QemuError, RunningVm, VmPaths, free_local_port, start_vm
-from appliance.render import READY_MARKER
 
 MEMORY_MB = 2048
 CPUS = 2

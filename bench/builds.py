@@ -17,8 +17,8 @@ from pathlib import Path
 from conftest import make_key
 from figures import MIB, Section, median_text, summary
 
-from appliance.dib import DEFAULT_CACHE_DIR
-from appliance.pack.manifest import artifact_entries, load_manifest
+from appliance.build.dib import DEFAULT_CACHE_DIR
+from appliance.manifest import artifact_entries, load_manifest
 from appliance.progress import Progress
 from appliance.run import run
 

@@ -13,8 +13,8 @@ from figures import Section, median_text, seconds, summary, timed
 from round_trips import RoundTrips, connect_first_samples, open_channel_samples
 from sshd import Sshd
 
-from appliance.client import Node, NodeAddress
-from appliance.fleet import DEFAULT_CONCURRENCY, HostEntry, fan_out
+from appliance.nodes.client import Node, NodeAddress
+from appliance.nodes.fleet import DEFAULT_CONCURRENCY, HostEntry, fan_out
 from appliance.progress import Progress
 
 USER = "root"  # tests/sshd.py reads one authorized_keys for every user; the forced command is the agent

@@ -9,7 +9,7 @@ from typing import Any
 
 from figures import Section, median_text, percentile, seconds, summary
 
-from appliance.client import Node
+from appliance.nodes.client import Node
 
 METHOD = "agent.hello"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from disk_files import gpt_partitions, probe_partition
 
-from appliance.pack.disk import DATA_LABEL, DATA_TYPE
+from appliance.build.pack.disk import DATA_LABEL, DATA_TYPE
 
 DATA_ELEMENT = Path(__file__).resolve().parent.parent / "elements" / "appliance-data"
 BLANK_DISK = DATA_ELEMENT / "static/usr/lib/appliance/blank-disk"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from waiting import wait_until
 
-from appliance.boot import GIB, BootRequest, boot, prepare_disk, prepare_extra_disk
-from appliance.qemu import QemuError, VmPaths
+from appliance.boot.boot import GIB, BootRequest, boot, prepare_disk, prepare_extra_disk
+from appliance.boot.vm import QemuError, VmPaths
 
 
 def write_build(out_dir: Path, build_id: str, outputs: tuple[str, ...] = ("appliance.raw",)) -> dict[str, object]:

@@ -1,4 +1,4 @@
-"""appliance.client against a real OpenSSH sshd on 127.0.0.1 with the agent forced."""
+"""appliance.nodes.client against a real OpenSSH sshd on 127.0.0.1 with the agent forced."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from conftest import make_key
 from sshd import Sshd
 
-from appliance.client import (
+from appliance.nodes.client import (
     AgentCallError,
     AuthenticationError,
     ConnectionLostError,

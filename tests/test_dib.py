@@ -3,8 +3,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from appliance.dib import ELEMENTS, PhaseFollower, build_invocation
-from appliance.mirrors import HostMirrors
+from appliance.build.dib import ELEMENTS, PhaseFollower, build_invocation
+from appliance.build.mirrors import HostMirrors
 from appliance.spec import parse_spec
 
 HOST = HostMirrors(debian="http://host.example/debian", security="http://host.example/debian-security")

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from disk_files import gpt_partitions, qcow2_as_raw
 
-from appliance.pack.disk import DATA_LABEL, ESP_LABEL
-from appliance.render import READY_MARKER
+from appliance.build.pack.disk import DATA_LABEL, ESP_LABEL
+from appliance.build.render import READY_MARKER
 
 pytestmark = pytest.mark.slow
 BOOT_TIMEOUT = 900

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from disk_files import gpt_partitions
 
-from appliance.pack.budget import BudgetError, check_budget
-from appliance.pack.disk import (
+from appliance.build.pack.budget import BudgetError, check_budget
+from appliance.build.pack.disk import (
     DATA_LABEL,
     DATA_TYPE,
     ESP_TYPE,
@@ -23,9 +23,9 @@ from appliance.pack.disk import (
     plan_layout,
     slot_size,
 )
-from appliance.pack.live import PackError
-from appliance.pack.manifest import Artifact
-from appliance.render import BuildIdentity, render_boot_file, render_image_files
+from appliance.build.pack.live import PackError
+from appliance.build.render import BuildIdentity, render_boot_file, render_image_files
+from appliance.manifest import Artifact
 from appliance.run import find_tool
 from appliance.spec import Spec, parse_spec
 

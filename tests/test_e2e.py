@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.pack.manifest import sha256_of
+from appliance.manifest import sha256_of
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.flash import FlashError, Target, check_target, describe_target, devices_in_use, flash
+from appliance.deploy.flash import FlashError, Target, check_target, describe_target, devices_in_use, flash
 
 MIB = 1 << 20
 

@@ -12,8 +12,8 @@ import pytest
 from conftest import make_key
 from sshd import Sshd
 
-from appliance.client import NodeAddress
-from appliance.fleet import InventoryError, load_inventory, parse_ini_inventory, parse_yaml_inventory
+from appliance.nodes.client import NodeAddress
+from appliance.nodes.fleet import InventoryError, load_inventory, parse_ini_inventory, parse_yaml_inventory
 
 
 def test_ini_inventory_with_groups_vars_and_plain_hosts() -> None:

@@ -13,10 +13,10 @@ import pytest
 from waiting import wait_until
 
 from appliance.agent.accel import PROBE_BOOT_SECTOR, PROBE_MARKER
-from appliance.client import Node, NodeAddress
-from appliance.pack.budget import MB
-from appliance.pack.manifest import sha256_of
-from appliance.render import READY_MARKER
+from appliance.build.pack.budget import MB
+from appliance.build.render import READY_MARKER
+from appliance.manifest import sha256_of
+from appliance.nodes.client import Node, NodeAddress
 
 pytestmark = pytest.mark.slow
 BOOT_TIMEOUT = 900

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from disk_files import gpt_partitions, probe_partition, qcow2_as_raw
 
-from appliance.client import Node, NodeAddress
-from appliance.pack.disk import DATA_LABEL, DATA_TYPE
-from appliance.render import READY_MARKER
+from appliance.build.pack.disk import DATA_LABEL, DATA_TYPE
+from appliance.build.render import READY_MARKER
+from appliance.nodes.client import Node, NodeAddress
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.pack.budget import BudgetError, check_budget
-from appliance.pack.manifest import Artifact, describe_artifacts, read_dpkg_manifest
+from appliance.build.pack.budget import BudgetError, check_budget
+from appliance.manifest import Artifact, describe_artifacts, read_dpkg_manifest
 
 
 def test_artifacts_are_described_by_size_and_sha256(tmp_path: Path) -> None:

@@ -2,7 +2,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from appliance.mirrors import AptSource, choose_mirrors, parse_deb822_sources, parse_one_line_sources, read_host_sources
+from appliance.build.mirrors import (
+    AptSource,
+    choose_mirrors,
+    parse_deb822_sources,
+    parse_one_line_sources,
+    read_host_sources,
+)
 
 DEB822 = """\
 Types: deb

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance.pack.live import LiveSet
-from appliance.pack.pxe import make_ipxe
-from appliance.pxe import PxeError, PxeServer, read_pxe_set, start_pxe_server
-from appliance.render import BuildIdentity
+from appliance.build.pack.live import LiveSet
+from appliance.build.pack.pxe import make_ipxe
+from appliance.build.render import BuildIdentity
+from appliance.deploy.pxe_server import PxeError, PxeServer, read_pxe_set, start_pxe_server
 from appliance.spec import Spec
 
 IDENTITY = BuildIdentity(build_id="demo-1", created="2026-01-01T00:00:00+00:00", spec_sha256="0" * 64, tool_version="0")

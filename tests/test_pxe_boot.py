@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.render import READY_MARKER
+from appliance.build.render import READY_MARKER
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from appliance.agent.accel import PROBE_BOOT_SECTOR, AccelChoice, node_accel, probe_accel, run_probe_guest
-from appliance.qemu import BootConfig, VmPaths, qemu_argv
+from appliance.boot.vm import BootConfig, VmPaths, qemu_argv
 
 
 def test_probe_boot_sector_prints_its_marker_under_tcg() -> None:

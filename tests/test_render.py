@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.render import (
+from appliance.build.render import (
     READY_MARKER,
     BuildIdentity,
     build_info,

@@ -15,17 +15,17 @@ from importlib import metadata
 from pathlib import Path
 
 from appliance import __version__
-from appliance.dib import DEFAULT_CACHE_DIR, build_invocation, run_dib
-from appliance.layout import AGENT_DIR, ELEMENTS_DIR, TEMPLATES_DIR
-from appliance.mirrors import host_mirrors
-from appliance.pack.budget import check_budget
-from appliance.pack.disk import make_disk
-from appliance.pack.iso import make_iso
-from appliance.pack.live import collect_live_set
-from appliance.pack.manifest import Manifest, describe_artifacts, read_dpkg_manifest, write_manifest
-from appliance.pack.pxe import make_ipxe
+from appliance.build.dib import DEFAULT_CACHE_DIR, build_invocation, run_dib
+from appliance.build.layout import AGENT_DIR, ELEMENTS_DIR, TEMPLATES_DIR
+from appliance.build.mirrors import host_mirrors
+from appliance.build.pack.budget import check_budget
+from appliance.build.pack.disk import make_disk
+from appliance.build.pack.iso import make_iso
+from appliance.build.pack.live import collect_live_set
+from appliance.build.pack.pxe import make_ipxe
+from appliance.build.render import BuildIdentity, kernel_cmdline, render_boot_file, render_image_files
+from appliance.manifest import Manifest, describe_artifacts, read_dpkg_manifest, write_manifest
 from appliance.progress import Progress
-from appliance.render import BuildIdentity, kernel_cmdline, render_boot_file, render_image_files
 from appliance.run import find_tool
 from appliance.spec import Output, Problem, Spec, SpecError, check_public_key
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from appliance.pack.live import LiveSet
-from appliance.render import BuildIdentity, kernel_cmdline, render_boot_file
+from appliance.build.pack.live import LiveSet
+from appliance.build.render import BuildIdentity, kernel_cmdline, render_boot_file
 from appliance.spec import Spec
 
 # Expanded by iPXE when it runs the script, not by us.

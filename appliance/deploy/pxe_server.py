@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from appliance.pack.manifest import artifact_entries, load_manifest
-from appliance.pack.pxe import chain_script
+from appliance.build.pack.pxe import chain_script
+from appliance.manifest import artifact_entries, load_manifest
 
 CHAIN_SCRIPT = "boot.ipxe"
 PXE_SUFFIXES = (".ipxe", ".vmlinuz", ".initrd", ".squashfs")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jinja2
 
-from appliance.layout import TEMPLATES_DIR
+from appliance.build.layout import TEMPLATES_DIR
 from appliance.spec import Spec
 
 READY_MARKER = "APPLIANCE-READY"

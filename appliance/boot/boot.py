@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 from appliance.agent.accel import AccelChoice, probe_accel
-from appliance.pack.manifest import artifact_entries, load_manifest
-from appliance.pxe import PxeServer, read_pxe_set, start_pxe_server
-from appliance.qemu import (
+from appliance.boot.vm import (
     BootConfig,
     QemuError,
     RunningVm,
@@ -29,7 +27,9 @@ from appliance.qemu import (
     recorded_vm,
     start_vm,
 )
-from appliance.render import READY_MARKER
+from appliance.build.render import READY_MARKER
+from appliance.deploy.pxe_server import PxeServer, read_pxe_set, start_pxe_server
+from appliance.manifest import artifact_entries, load_manifest
 
 GIB = 1 << 30
 DEFAULT_DISK_GIB = 8

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from appliance.agent.accel import PROBE_BOOT_SECTOR, PROBE_MARKER
-from appliance.boot import DEFAULT_DISK_GIB, GIB, BootRequest, BootResult, boot, find_artifact, read_build
-from appliance.client import Node, NodeAddress
-from appliance.qemu import QemuError, VmPaths, stop_recorded_vm
+from appliance.boot.boot import DEFAULT_DISK_GIB, GIB, BootRequest, BootResult, boot, find_artifact, read_build
+from appliance.boot.vm import QemuError, VmPaths, stop_recorded_vm
+from appliance.nodes.client import Node, NodeAddress
 
 GUEST = "selftest"
 IMAGE = "selftest-marker"

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from appliance.client import Node, NodeAddress, NodeError, parse_address
+from appliance.nodes.client import Node, NodeAddress, NodeError, parse_address
 
 DEFAULT_CONCURRENCY = 32
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from appliance.mirrors import HostMirrors
+from appliance.build.mirrors import HostMirrors
 from appliance.run import CommandError, run_streaming
 from appliance.spec import Spec
 

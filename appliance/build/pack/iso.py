@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from appliance.pack.live import LiveSet
+from appliance.build.pack.live import LiveSet
 from appliance.run import run
 
 # live-boot looks for /live/*.squashfs on every medium it can see.

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.pack.manifest import artifact_entries, load_manifest
+from appliance.manifest import artifact_entries, load_manifest
 
 CHUNK = 4 << 20
 MB = 1_000_000

@@ -22,8 +22,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.pack.live import LiveSet, PackError
-from appliance.render import BuildIdentity, render_boot_file, render_disk_file
+from appliance.build.pack.live import LiveSet, PackError
+from appliance.build.render import BuildIdentity, render_boot_file, render_disk_file
 from appliance.run import run, tool
 from appliance.spec import Spec
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from appliance.pack.manifest import Artifact
+from appliance.manifest import Artifact
 
 MB = 1_000_000
 

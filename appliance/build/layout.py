@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-REPOSITORY = Path(__file__).resolve().parent.parent
+PACKAGE = Path(__file__).resolve().parent.parent
+REPOSITORY = PACKAGE.parent
 ELEMENTS_DIR = REPOSITORY / "elements"
 TEMPLATES_DIR = REPOSITORY / "templates"
-AGENT_DIR = Path(__file__).resolve().parent / "agent"
+AGENT_DIR = PACKAGE / "agent"

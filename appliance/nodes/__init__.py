@@ -1,0 +1,1 @@
+"""The operator's side: one node's agent over SSH, and many nodes at once."""
