@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import make_key
+from helpers.keys import make_key
 from figures import MIB, Section, median_text, summary
 
 from appliance.build.dib import DEFAULT_CACHE_DIR

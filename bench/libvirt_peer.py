@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from waiting import wait_until
+from helpers.waiting import wait_until
 
 from appliance.agent.accel import QEMU
 from appliance.agent.processes import live_pid

@@ -1,22 +1,19 @@
-"""Shared fixtures: keys made by ssh-keygen, and the one built image the slow tests share."""
+"""What every test may use: operator keys made by the real ssh-keygen.
+
+The folders say what a test costs: unit/ runs in milliseconds to seconds with
+no QEMU and no sshd; integration/ drives real processes on this host (the agent
+over its pipes, QEMU under TCG, OpenSSH on loopback); system/ builds the
+appliance and boots it (minutes; every test there is marked slow).
+Shared helpers are in helpers/.
+"""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-from appliance.spec import default_spec_text
-
-
-def make_key(directory: Path, name: str = "operator") -> Path:
-    """A fresh ed25519 key pair made by the real ssh-keygen; returns the private key path."""
-    key = directory / name
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key)], check=True)
-    return key
+from helpers.keys import make_key
 
 
 @pytest.fixture
@@ -30,38 +27,3 @@ def operator_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if reuse:
         return Path(reuse)
     return make_key(tmp_path_factory.mktemp("keys"))
-
-
-def spec_text_for_tests(operator_public_key: str) -> str:
-    """The default spec, but the node may claim a blank disk (test_image_uefi.py gives it
-    one), and the operator key also opens the break-glass shell (test_image.py uses it)."""
-    changes = {
-        "claim_blank_disk = false": "claim_blank_disk = true",
-        "break_glass_keys = []": f'break_glass_keys = ["{operator_public_key}"]',
-    }
-    text = default_spec_text()
-    for default, wanted in changes.items():
-        assert default in text, f"the default spec no longer says {default}"
-        text = text.replace(default, wanted)
-    return text
-
-
-@pytest.fixture(scope="session")
-def built_appliance(tmp_path_factory: pytest.TempPathFactory, operator_key: Path) -> Path:
-    """The default appliance (see spec_text_for_tests), built once per session with the test operator key.
-
-    APPLIANCE_TEST_BUILD=DIR with APPLIANCE_TEST_KEY=PRIVATE_KEY reuses an
-    existing build (for working on the boot tests); CI always builds.
-    """
-    reuse = os.environ.get("APPLIANCE_TEST_BUILD")
-    if reuse:
-        return Path(reuse)
-    out_dir = tmp_path_factory.mktemp("build")
-    spec = tmp_path_factory.mktemp("spec") / "appliance.toml"
-    spec.write_text(spec_text_for_tests(Path(f"{operator_key}.pub").read_text().strip()))
-    subprocess.run(
-        ["appliance", "build", str(spec), "-o", str(out_dir), "--authorized-key", f"{operator_key}.pub"],
-        check=True,
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
-    )
-    return out_dir

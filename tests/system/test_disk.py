@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from disk_files import gpt_partitions, qcow2_as_raw
+from helpers.disk_files import gpt_partitions, qcow2_as_raw
 
 from appliance.build.pack.disk import DATA_LABEL, ESP_LABEL
 from appliance.build.render import READY_MARKER

@@ -11,12 +11,11 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_process import AgentProcess
-from waiting import wait_until
+from helpers.agent_process import AgentProcess, StartAgent
+from helpers.waiting import wait_until
 
 from appliance.agent.accel import PROBE_BOOT_SECTOR, PROBE_MARKER
 
@@ -28,21 +27,10 @@ MARKER_GUEST_DISK = PROBE_BOOT_SECTOR.ljust(1 << 20, b"\0")
 
 
 @pytest.fixture
-def state_dir(tmp_path: Path) -> Path:
-    importer = AgentProcess(tmp_path / "state")
-    assert "result" in importer.import_image("marker-guest", MARKER_GUEST_DISK)
-    assert importer.close() == 0
-    return tmp_path / "state"
-
-
-@pytest.fixture
-def agent(state_dir: Path) -> Iterator[AgentProcess]:
-    process = AgentProcess(state_dir)
-    yield process
-    for guest in process.result("guest.list"):
-        if guest["state"] != "stopped":
-            process.call("guest.kill", {"name": guest["name"]})
-    process.kill()
+def agent(agent: AgentProcess) -> AgentProcess:
+    """The shared agent, with the marker guest's disk in its image store."""
+    assert "result" in agent.import_image("marker-guest", MARKER_GUEST_DISK)
+    return agent
 
 
 GUEST = {"name": "g1", "vcpus": 1, "memory_mib": 32, "disks": [{"base_image": "marker-guest"}]}
@@ -80,18 +68,15 @@ def test_pause_and_resume(agent: AgentProcess) -> None:
     assert agent.result("guest.resume", {"name": "g1"})["state"] == "running"
 
 
-def test_a_new_agent_adopts_the_running_guest(state_dir: Path) -> None:
-    first = AgentProcess(state_dir)
+def test_a_new_agent_adopts_the_running_guest(agent: AgentProcess, start_agent: StartAgent) -> None:
+    first = agent
     first.result("guest.create", GUEST)
     pid = first.result("guest.start", {"name": "g1"})["pid"]
     first.kill()
-    second = AgentProcess(state_dir)
-    try:
-        assert second.result("guest.info", {"name": "g1"})["pid"] == pid
-        assert second.result("guest.list")[0]["state"] == "running"
-        assert second.result("guest.kill", {"name": "g1"}) == {"name": "g1", "killed": True}
-    finally:
-        second.kill()
+    second = start_agent()
+    assert second.result("guest.info", {"name": "g1"})["pid"] == pid
+    assert second.result("guest.list")[0]["state"] == "running"
+    assert second.result("guest.kill", {"name": "g1"}) == {"name": "g1", "killed": True}
 
 
 def test_failed_create_leaves_no_row_and_no_disk(agent: AgentProcess, state_dir: Path) -> None:
@@ -153,33 +138,31 @@ def dead_pid() -> int:
     return int(finished.stdout)
 
 
-def test_a_create_cut_short_by_a_crash_is_repaired_by_the_next_agent(state_dir: Path) -> None:
+def test_a_create_cut_short_by_a_crash_is_repaired_by_the_next_agent(
+    agent: AgentProcess, start_agent: StartAgent, state_dir: Path
+) -> None:
+    agent.kill()
     # A crash after the disk, before the row: the directory alone is left, with its marker.
     half_made = state_dir / "guests" / "g1"
     half_made.mkdir(parents=True)
     (half_made / "disk0.qcow2").write_bytes(b"partial")
     (half_made / f".creating-{dead_pid()}").touch()
-    agent = AgentProcess(state_dir)
-    try:
-        assert agent.result("guest.list") == []
-        assert not half_made.exists()
-        assert agent.result("guest.create", GUEST)["name"] == "g1"
-        assert not list(half_made.glob(".creating-*"))
-    finally:
-        agent.kill()
+    agent = start_agent()
+    assert agent.result("guest.list") == []
+    assert not half_made.exists()
+    assert agent.result("guest.create", GUEST)["name"] == "g1"
+    assert not list(half_made.glob(".creating-*"))
 
 
-def test_a_create_that_committed_before_the_crash_keeps_its_guest(state_dir: Path) -> None:
-    agent = AgentProcess(state_dir)
+def test_a_create_that_committed_before_the_crash_keeps_its_guest(
+    agent: AgentProcess, start_agent: StartAgent, state_dir: Path
+) -> None:
     agent.result("guest.create", GUEST)
     agent.kill()
     (state_dir / "guests" / "g1" / f".creating-{dead_pid()}").touch()
-    again = AgentProcess(state_dir)
-    try:
-        assert [guest["name"] for guest in again.result("guest.list")] == ["g1"]
-        assert not list((state_dir / "guests" / "g1").glob(".creating-*"))
-    finally:
-        again.kill()
+    again = start_agent()
+    assert [guest["name"] for guest in again.result("guest.list")] == ["g1"]
+    assert not list((state_dir / "guests" / "g1").glob(".creating-*"))
 
 
 def test_cpu_limits_are_kept_in_the_definition_and_need_systemd_to_change_live(agent: AgentProcess) -> None:
@@ -203,20 +186,13 @@ def test_cpu_limits_are_kept_in_the_definition_and_need_systemd_to_change_live(a
     assert agent.error_code("guest.set_cpu", {"name": "g1", "cpu_weight": 200}) == "unsupported"
 
 
-def test_autostart_starts_only_the_guests_marked_for_it(state_dir: Path, tmp_path: Path) -> None:
-    agent = AgentProcess(state_dir)
-    try:
-        agent.result("guest.create", {**GUEST, "name": "boots", "autostart": True})
-        agent.result("guest.create", {**GUEST, "name": "waits"})
-        command = [sys.executable, "-m", "appliance.agent", "--config", str(tmp_path / "none.toml"),
-                   "--state-dir", str(state_dir), "autostart"]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "APPLIANCE_ACCEL": "tcg"})
-        assert result.returncode == 0, result.stderr
-        assert [started["name"] for started in json.loads(result.stdout)] == ["boots"]
-        states = {guest["name"]: guest["state"] for guest in agent.result("guest.list")}
-        assert states == {"boots": "running", "waits": "stopped"}
-    finally:
-        for guest in agent.result("guest.list"):
-            if guest["state"] != "stopped":
-                agent.call("guest.kill", {"name": guest["name"]})
-        agent.kill()
+def test_autostart_starts_only_the_guests_marked_for_it(agent: AgentProcess, state_dir: Path, tmp_path: Path) -> None:
+    agent.result("guest.create", {**GUEST, "name": "boots", "autostart": True})
+    agent.result("guest.create", {**GUEST, "name": "waits"})
+    command = [sys.executable, "-m", "appliance.agent", "--config", str(tmp_path / "none.toml"),
+               "--state-dir", str(state_dir), "autostart"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "APPLIANCE_ACCEL": "tcg"})
+    assert result.returncode == 0, result.stderr
+    assert [started["name"] for started in json.loads(result.stdout)] == ["boots"]
+    states = {guest["name"]: guest["state"] for guest in agent.result("guest.list")}
+    assert states == {"boots": "running", "waits": "stopped"}

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from waiting import wait_until
+from helpers.waiting import wait_until
 
 from appliance.agent.accel import PROBE_BOOT_SECTOR, QEMU
 from appliance.agent.qmp import ConnectError, ConnectionLostError, ExecuteError, QMPClient

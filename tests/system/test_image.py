@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from waiting import wait_until
+from helpers.waiting import wait_until
 
 from appliance.agent.accel import PROBE_BOOT_SECTOR, PROBE_MARKER
 from appliance.build.pack.budget import MB

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_process import AgentProcess
-from tiny_guest import TINY_GUEST_MARKER, TinyGuest, build_tiny_guest
-from waiting import wait_until
+from helpers.agent_process import AgentProcess
+from helpers.tiny_guest import TINY_GUEST_MARKER, TinyGuest, build_tiny_guest
+from helpers.waiting import wait_until
+
+# A Linux boot under TCG, and the first run downloads Debian's kernel package.
+pytestmark = pytest.mark.slow
 
 DEADLINE = 120.0
 MEMORY_MIB = 256
@@ -26,8 +28,9 @@ def tiny_guest(tmp_path_factory: pytest.TempPathFactory) -> TinyGuest:
 
 
 @pytest.fixture
-def agent(tmp_path: Path, tiny_guest: TinyGuest) -> Iterator[AgentProcess]:
-    process = AgentProcess(tmp_path / "state")
+def agent(agent: AgentProcess, tiny_guest: TinyGuest) -> AgentProcess:
+    """The shared agent, with the tiny guest imported and defined."""
+    process = agent
     assert "result" in process.import_image("tiny-vmlinuz", tiny_guest.kernel.read_bytes())
     assert "result" in process.import_image("tiny-initrd", tiny_guest.initrd.read_bytes())
     process.result(
@@ -43,11 +46,7 @@ def agent(tmp_path: Path, tiny_guest: TinyGuest) -> Iterator[AgentProcess]:
             },
         },
     )
-    yield process
-    for guest in process.result("guest.list"):
-        if guest["state"] != "stopped":
-            process.call("guest.kill", {"name": guest["name"]})
-    process.kill()
+    return process
 
 
 def console(agent: AgentProcess) -> str:

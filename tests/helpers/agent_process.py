@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +68,12 @@ class AgentProcess:
     def kill(self) -> None:
         self.process.kill()
         self.process.wait()
+
+    def kill_running_guests(self) -> None:
+        for guest in self.result("guest.list"):
+            if guest["state"] != "stopped":
+                self.call("guest.kill", {"name": guest["name"]})
+
+
+# What the integration tests' start_agent fixture is: start_agent(policy=None) -> AgentProcess.
+StartAgent = Callable[..., AgentProcess]

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from waiting import wait_until
+from helpers.waiting import wait_until
 
 from appliance.boot.boot import GIB, BootRequest, boot, prepare_disk, prepare_extra_disk
 from appliance.boot.vm import QemuError, VmPaths

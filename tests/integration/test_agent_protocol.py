@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
-from agent_process import AgentProcess
+from helpers.agent_process import AgentProcess
 
 from appliance.agent.protocol import MAX_LINE_BYTES
-
-
-@pytest.fixture
-def agent(tmp_path: Path) -> Iterator[AgentProcess]:
-    process = AgentProcess(tmp_path / "state")
-    yield process
-    process.kill()
 
 
 def test_hello_names_protocol_version_and_methods(agent: AgentProcess) -> None:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from disk_files import gpt_partitions, probe_partition
+from helpers.disk_files import gpt_partitions, probe_partition
 
+from appliance.build.layout import ELEMENTS_DIR
 from appliance.build.pack.disk import DATA_LABEL, DATA_TYPE
 
-DATA_ELEMENT = Path(__file__).resolve().parent.parent / "elements" / "appliance-data"
+DATA_ELEMENT = ELEMENTS_DIR / "appliance-data"
 BLANK_DISK = DATA_ELEMENT / "static/usr/lib/appliance/blank-disk"
 REPART_DEFINITIONS = DATA_ELEMENT / "static/usr/lib/appliance/repart.d"
 GIB = 1 << 30

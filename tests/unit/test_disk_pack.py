@@ -6,8 +6,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from disk_files import gpt_partitions
+from helpers.disk_files import gpt_partitions
 
+from appliance.build.layout import ELEMENTS_DIR
 from appliance.build.pack.budget import BudgetError, check_budget
 from appliance.build.pack.disk import (
     DATA_LABEL,
@@ -149,7 +150,7 @@ def test_budget_counts_the_compressed_disk_and_not_the_sparse_raw() -> None:
 
 
 def test_the_node_finds_and_grows_the_data_partition_the_packer_makes(tmp_path: Path) -> None:
-    element = Path(__file__).resolve().parent.parent / "elements" / "appliance-data"
+    element = ELEMENTS_DIR / "appliance-data"
     definition = (element / "static/usr/lib/appliance/repart.d/50-data.conf").read_text()
     assert f"Type={DATA_TYPE.lower()}" in definition
     assert f"Label={DATA_LABEL}" in definition and "\nSizeMaxBytes=" not in definition

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import paramiko
 import pytest
-from conftest import make_key
-from sshd import Sshd
+from helpers.keys import make_key
+from helpers.sshd import Sshd
 
 from appliance.nodes.client import (
     AgentCallError,
@@ -143,7 +143,7 @@ def test_cli_drives_guests_on_a_node(sshd: Sshd, keys: Path, tmp_path: Path) -> 
 
 
 def test_cli_names_an_unreachable_node(keys: Path, tmp_path: Path) -> None:
-    from sshd import free_port
+    from helpers.sshd import free_port
 
     result = run_cli(
         "node", "report", f"127.0.0.1:{free_port()}", "--key", str(keys), "--known-hosts", str(tmp_path / "kh")

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from agent_process import AgentProcess
+from helpers.agent_process import AgentProcess, StartAgent
 
 DATA = bytes(range(256)) * 4096
-
-
-@pytest.fixture
-def agent(tmp_path: Path) -> Iterator[AgentProcess]:
-    process = AgentProcess(tmp_path / "state")
-    yield process
-    process.kill()
 
 
 def store_files(tmp_path: Path) -> list[str]:
@@ -25,19 +16,16 @@ def store_files(tmp_path: Path) -> list[str]:
     return sorted(path.name for path in images.iterdir()) if images.exists() else []
 
 
-def test_import_then_list_then_delete(agent: AgentProcess, tmp_path: Path) -> None:
+def test_import_then_list_then_delete(agent: AgentProcess, start_agent: StartAgent, tmp_path: Path) -> None:
     reply = agent.import_image("base", DATA)
     assert reply["result"] == {"name": "base", "size_bytes": len(DATA), "sha256": hashlib.sha256(DATA).hexdigest()}
     assert (tmp_path / "state" / "images" / "base").read_bytes() == DATA
     listed = agent.result("image.list")
     assert [(image["name"], image["size_bytes"]) for image in listed] == [("base", len(DATA))]
     assert agent.error_code("image.import", {}) == "invalid_params"  # no size: answered, then closed
-    second = AgentProcess(tmp_path / "state")
-    try:
-        assert second.result("image.delete", {"name": "base"}) == {"name": "base", "deleted": True}
-        assert second.result("image.list") == [] and store_files(tmp_path) == []
-    finally:
-        second.kill()
+    second = start_agent()
+    assert second.result("image.delete", {"name": "base"}) == {"name": "base", "deleted": True}
+    assert second.result("image.list") == [] and store_files(tmp_path) == []
 
 
 def test_checksum_mismatch_leaves_nothing_and_the_connection_goes_on(agent: AgentProcess, tmp_path: Path) -> None:
@@ -47,8 +35,7 @@ def test_checksum_mismatch_leaves_nothing_and_the_connection_goes_on(agent: Agen
     assert agent.result("agent.hello")["protocol"] == 1
 
 
-def test_interrupted_upload_leaves_nothing(tmp_path: Path) -> None:
-    agent = AgentProcess(tmp_path / "state")
+def test_interrupted_upload_leaves_nothing(agent: AgentProcess, tmp_path: Path) -> None:
     params = {"name": "cut", "size_bytes": len(DATA), "sha256": hashlib.sha256(DATA).hexdigest()}
     line = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "image.import", "params": params}).encode()
     assert agent.process.stdin and agent.process.stdout

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_key
-from sshd import Sshd
+from helpers.keys import make_key
+from helpers.sshd import Sshd
 
 from appliance.nodes.client import NodeAddress
 from appliance.nodes.fleet import InventoryError, load_inventory, parse_ini_inventory, parse_yaml_inventory

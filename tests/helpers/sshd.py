@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import make_key
-from waiting import wait_until
-
-REPO = Path(__file__).resolve().parent.parent
+from appliance.build.layout import REPOSITORY as REPO
+from helpers.keys import make_key
+from helpers.waiting import wait_until
 
 
 def free_port() -> int:

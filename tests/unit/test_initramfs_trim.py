@@ -10,10 +10,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-HOOK = (
-    Path(__file__).resolve().parent.parent
-    / "elements/appliance-live/static/etc/initramfs-tools/hooks/appliance-trim-modules"
-)
+from appliance.build.layout import ELEMENTS_DIR
+
+HOOK = ELEMENTS_DIR / "appliance-live/static/etc/initramfs-tools/hooks/appliance-trim-modules"
 MODULES = {
     "kernel/fs/ext4/ext4.ko.xz": "",
     "kernel/fs/btrfs/btrfs.ko.xz": "",

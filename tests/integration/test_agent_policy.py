@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-from agent_process import AgentProcess
+from helpers.agent_process import AgentProcess, StartAgent
 
 from appliance.agent.accel import PROBE_BOOT_SECTOR
 from appliance.agent.host import read_meminfo
@@ -15,32 +11,18 @@ MIB = 1024 * 1024
 TOTAL_MIB = read_meminfo()["MemTotal"] // MIB
 
 
-def agent_with_policy(tmp_path: Path, policy: str) -> AgentProcess:
-    config = tmp_path / "agent.toml"
-    config.write_text(f"[policy]\n{policy}\n")
-    agent = AgentProcess(tmp_path / "state", config=config)
+def agent_with_policy(start_agent: StartAgent, policy: str) -> AgentProcess:
+    agent = start_agent(policy)
     assert "result" in agent.import_image("disk", PROBE_BOOT_SECTOR.ljust(1 << 20, b"\0"))
     return agent
-
-
-@pytest.fixture
-def cleanup() -> Iterator[list[AgentProcess]]:
-    agents: list[AgentProcess] = []
-    yield agents
-    for agent in agents:
-        for guest in agent.result("guest.list"):
-            if guest["state"] != "stopped":
-                agent.call("guest.kill", {"name": guest["name"]})
-        agent.kill()
 
 
 def guest(name: str, memory_mib: int = 32, vcpus: int = 1) -> dict[str, object]:
     return {"name": name, "memory_mib": memory_mib, "vcpus": vcpus, "disks": [{"base_image": "disk"}]}
 
 
-def test_max_guests_is_enforced_at_create(tmp_path: Path, cleanup: list[AgentProcess]) -> None:
-    agent = agent_with_policy(tmp_path, "max_guests = 2")
-    cleanup.append(agent)
+def test_max_guests_is_enforced_at_create(start_agent: StartAgent) -> None:
+    agent = agent_with_policy(start_agent, "max_guests = 2")
     agent.result("guest.create", guest("a"))
     agent.result("guest.create", guest("b"))
     reply = agent.call("guest.create", guest("c"))
@@ -48,11 +30,8 @@ def test_max_guests_is_enforced_at_create(tmp_path: Path, cleanup: list[AgentPro
     assert "max_guests 2" in reply["error"]["message"]
 
 
-def test_a_guest_larger_than_the_host_allows_is_refused_with_the_figures(
-    tmp_path: Path, cleanup: list[AgentProcess]
-) -> None:
-    agent = agent_with_policy(tmp_path, "reserved_memory_mib = 512\nmemory_overcommit = 1.0")
-    cleanup.append(agent)
+def test_a_guest_larger_than_the_host_allows_is_refused_with_the_figures(start_agent: StartAgent) -> None:
+    agent = agent_with_policy(start_agent, "reserved_memory_mib = 512\nmemory_overcommit = 1.0")
     reply = agent.call("guest.create", guest("huge", memory_mib=TOTAL_MIB))
     assert reply["error"]["data"]["code"] == "policy_memory"
     message = reply["error"]["message"]
@@ -60,10 +39,9 @@ def test_a_guest_larger_than_the_host_allows_is_refused_with_the_figures(
     assert agent.result("guest.list") == []
 
 
-def test_start_is_refused_when_running_guests_use_the_memory(tmp_path: Path, cleanup: list[AgentProcess]) -> None:
+def test_start_is_refused_when_running_guests_use_the_memory(start_agent: StartAgent) -> None:
     # Leave room for exactly one 64 MiB guest.
-    agent = agent_with_policy(tmp_path, f"reserved_memory_mib = {TOTAL_MIB - 100}")
-    cleanup.append(agent)
+    agent = agent_with_policy(start_agent, f"reserved_memory_mib = {TOTAL_MIB - 100}")
     agent.result("guest.create", guest("first", memory_mib=64))
     agent.result("guest.create", guest("second", memory_mib=64))
     agent.result("guest.start", {"name": "first"})
@@ -73,18 +51,16 @@ def test_start_is_refused_when_running_guests_use_the_memory(tmp_path: Path, cle
     assert agent.result("guest.info", {"name": "second"})["state"] == "stopped"
 
 
-def test_start_is_refused_past_the_vcpu_overcommit(tmp_path: Path, cleanup: list[AgentProcess]) -> None:
-    agent = agent_with_policy(tmp_path, "cpu_overcommit = 0.5")
-    cleanup.append(agent)
+def test_start_is_refused_past_the_vcpu_overcommit(start_agent: StartAgent) -> None:
+    agent = agent_with_policy(start_agent, "cpu_overcommit = 0.5")
     agent.result("guest.create", guest("wide", vcpus=8))
     reply = agent.call("guest.start", {"name": "wide"})
     assert reply["error"]["data"]["code"] == "policy_cpu"
     assert "8 vCPUs" in reply["error"]["message"]
 
 
-def test_balloon_target_is_set_through_qmp(tmp_path: Path, cleanup: list[AgentProcess]) -> None:
-    agent = agent_with_policy(tmp_path, "")
-    cleanup.append(agent)
+def test_balloon_target_is_set_through_qmp(start_agent: StartAgent) -> None:
+    agent = agent_with_policy(start_agent, "")
     agent.result("guest.create", guest("b", memory_mib=128))
     agent.result("guest.start", {"name": "b"})
     # The boot-sector guest has no balloon driver, so the target is set but not reached:
@@ -94,9 +70,8 @@ def test_balloon_target_is_set_through_qmp(tmp_path: Path, cleanup: list[AgentPr
     assert agent.error_code("guest.set_memory", {"name": "b", "memory_mib": 256}) == "invalid_params"
 
 
-def test_host_report_counts_guests_and_what_they_hold(tmp_path: Path, cleanup: list[AgentProcess]) -> None:
-    agent = agent_with_policy(tmp_path, "reserved_memory_mib = 256")
-    cleanup.append(agent)
+def test_host_report_counts_guests_and_what_they_hold(start_agent: StartAgent) -> None:
+    agent = agent_with_policy(start_agent, "reserved_memory_mib = 256")
     agent.result("guest.create", guest("up", memory_mib=48))
     agent.result("guest.create", guest("down", memory_mib=32))
     agent.result("guest.start", {"name": "up"})

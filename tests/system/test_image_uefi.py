@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from disk_files import gpt_partitions, probe_partition, qcow2_as_raw
+from helpers.disk_files import gpt_partitions, probe_partition, qcow2_as_raw
 
 from appliance.build.pack.disk import DATA_LABEL, DATA_TYPE
 from appliance.build.render import READY_MARKER
