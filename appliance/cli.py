@@ -11,20 +11,18 @@ from pathlib import Path
 from appliance import __version__
 from appliance.boot.boot import DEFAULT_DISK_GIB, BootRequest, boot
 from appliance.boot.selftest import SelftestError, SelftestOptions, selftest
-from appliance.boot.vm import QemuError, VmPaths, stop_recorded_vm
-from appliance.build.dib import DEFAULT_CACHE_DIR, BuildError
-from appliance.build.pack.budget import BudgetError
-from appliance.build.pack.live import PackError
-from appliance.build.pipeline import MissingToolsError, build, read_key_files
+from appliance.boot.vm import VmPaths, stop_recorded_vm
+from appliance.build.dib import DEFAULT_CACHE_DIR
+from appliance.build.pipeline import build, read_key_files
 from appliance.deploy.flash import FlashError, flash
-from appliance.deploy.pxe_server import CHAIN_SCRIPT, PxeError, read_pxe_set, start_pxe_server
-from appliance.nodes.client import DEFAULT_KNOWN_HOSTS, Node, NodeAddress, NodeError, parse_address
-from appliance.nodes.fleet import DEFAULT_CONCURRENCY, HostOutcome, InventoryError, fan_out, load_inventory
+from appliance.deploy.pxe_server import CHAIN_SCRIPT, read_pxe_set, start_pxe_server
+from appliance.errors import EXIT_FAILED, EXIT_USAGE, ApplianceError
+from appliance.nodes.client import DEFAULT_KNOWN_HOSTS, Node, NodeAddress, parse_address
+from appliance.nodes.fleet import DEFAULT_CONCURRENCY, HostOutcome, fan_out, load_inventory
 from appliance.progress import Progress
-from appliance.run import CommandError
-from appliance.spec import SpecError, default_spec_text, load_spec
+from appliance.spec import default_spec_text, load_spec
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_INTERRUPTED = 0, 130
 DEFAULT_KEY = Path.home() / ".ssh" / "id_ed25519"
 
 
@@ -581,25 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.verb](args)
-    except InventoryError as error:
+    except ApplianceError as error:
         print(f"appliance: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except SpecError as error:
-        print(f"appliance: invalid spec: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except (
-        BuildError,
-        BudgetError,
-        MissingToolsError,
-        PackError,
-        PxeError,
-        QemuError,
-        CommandError,
-        NodeError,
-        FlashError,
-    ) as error:
-        print(f"appliance: {error}", file=sys.stderr)
-        return EXIT_FAILED
+        return error.exit_code
     except KeyboardInterrupt:
         print("appliance: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

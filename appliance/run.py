@@ -11,6 +11,8 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from appliance.errors import ApplianceError
+
 log = logging.getLogger(__name__)
 TAIL_LINES = 25
 
@@ -26,7 +28,7 @@ def tool(name: str) -> str:
     return find_tool(name) or name
 
 
-class CommandError(Exception):
+class CommandError(ApplianceError):
     """A command exited non-zero or could not be started."""
 
     def __init__(self, argv: Sequence[str], returncode: int, output_tail: str) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.agent.policy import Policy
+from appliance.errors import UsageError
 
 RELEASES = ("trixie", "bookworm", "forky")
 DEFAULT_RELEASE = "trixie"
@@ -62,13 +63,13 @@ class Problem:
         return f"{self.key} = {self.value!r}: {self.allowed}"
 
 
-class SpecError(Exception):
+class SpecError(UsageError):
     """The spec is invalid; carries every problem found, not just the first."""
 
     def __init__(self, source: str, problems: list[Problem]) -> None:
         self.source = source
         self.problems = problems
-        lines = [f"{source}: {len(problems)} problem(s)"] + [f"  {problem}" for problem in problems]
+        lines = [f"invalid spec: {source}: {len(problems)} problem(s)"] + [f"  {problem}" for problem in problems]
         super().__init__("\n".join(lines))
 
 

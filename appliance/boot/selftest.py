@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from appliance.agent.accel import PROBE_BOOT_SECTOR, PROBE_MARKER
 from appliance.boot.boot import DEFAULT_DISK_GIB, GIB, BootRequest, BootResult, boot, find_artifact, read_build
 from appliance.boot.vm import QemuError, VmPaths, stop_recorded_vm
+from appliance.errors import ApplianceError
 from appliance.nodes.client import Node, NodeAddress
 
 GUEST = "selftest"
@@ -31,7 +32,7 @@ GUEST_IMAGE = PROBE_BOOT_SECTOR.ljust(1 << 20, b"\0")
 SHUTDOWN_SECONDS = 180.0
 
 
-class SelftestError(Exception):
+class SelftestError(ApplianceError):
     """A step of the selftest failed; the message names the step and what was seen."""
 
 

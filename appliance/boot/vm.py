@@ -18,12 +18,13 @@ from pathlib import Path
 from appliance.agent.accel import QEMU, AccelChoice
 from appliance.agent.processes import live_pid
 from appliance.agent.qmp import QMPClient, QMPError
+from appliance.errors import ApplianceError
 from appliance.run import CommandError, run
 
 STOP_SECONDS = 15.0
 
 
-class QemuError(Exception):
+class QemuError(ApplianceError):
     """QEMU could not be started, died, or the guest never became ready."""
 
 

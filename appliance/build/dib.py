@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TextIO
 
 from appliance.build.mirrors import HostMirrors
+from appliance.errors import ApplianceError
 from appliance.run import CommandError, run_streaming
 from appliance.spec import Spec
 
@@ -54,7 +55,7 @@ class DibInvocation:
         return self.output_prefix.with_name(name + ".d") / "dib-manifests" / f"dib-manifest-dpkg-{name}"
 
 
-class BuildError(Exception):
+class BuildError(ApplianceError):
     """The DIB build failed; names the phase it failed in and where its log is."""
 
     def __init__(self, phase: str, log_path: Path, tail: str) -> None:

@@ -24,6 +24,7 @@ from appliance.build.pack.iso import make_iso
 from appliance.build.pack.live import collect_live_set
 from appliance.build.pack.pxe import make_ipxe
 from appliance.build.render import BuildIdentity, kernel_cmdline, render_boot_file, render_image_files
+from appliance.errors import ApplianceError
 from appliance.manifest import Manifest, describe_artifacts, read_dpkg_manifest, write_manifest
 from appliance.progress import Progress
 from appliance.run import find_tool
@@ -35,7 +36,7 @@ REQUIRED_TOOLS = (
 )  # fmt: skip
 
 
-class MissingToolsError(Exception):
+class MissingToolsError(ApplianceError):
     def __init__(self, missing: list[str]) -> None:
         self.missing = missing
         super().__init__(f"missing tools on this machine: {', '.join(missing)} (run `make deps`)")

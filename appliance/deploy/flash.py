@@ -15,13 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.errors import ApplianceError
 from appliance.manifest import artifact_entries, load_manifest
 
 CHUNK = 4 << 20
 MB = 1_000_000
 
 
-class FlashError(Exception):
+class FlashError(ApplianceError):
     """The image cannot be written to this target, or did not read back the same."""
 
 

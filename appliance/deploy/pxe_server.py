@@ -16,13 +16,14 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from appliance.build.pack.pxe import chain_script
+from appliance.errors import ApplianceError
 from appliance.manifest import artifact_entries, load_manifest
 
 CHAIN_SCRIPT = "boot.ipxe"
 PXE_SUFFIXES = (".ipxe", ".vmlinuz", ".initrd", ".squashfs")
 
 
-class PxeError(Exception):
+class PxeError(ApplianceError):
     """The build has no PXE set, or it cannot be served."""
 
 

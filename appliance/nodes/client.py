@@ -20,12 +20,14 @@ from typing import Any
 
 import paramiko
 
+from appliance.errors import ApplianceError
+
 AGENT_COMMAND = "appliance-agent serve"
 CHUNK = 1 << 20
 DEFAULT_KNOWN_HOSTS = Path.home() / ".config" / "appliance" / "known_hosts"
 
 
-class NodeError(Exception):
+class NodeError(ApplianceError):
     """Base of every failure talking to a node."""
 
 

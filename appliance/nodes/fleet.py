@@ -10,12 +10,13 @@ from typing import Any
 
 import yaml
 
+from appliance.errors import UsageError
 from appliance.nodes.client import Node, NodeAddress, NodeError, parse_address
 
 DEFAULT_CONCURRENCY = 32
 
 
-class InventoryError(Exception):
+class InventoryError(UsageError):
     """The inventory file cannot be read or holds no hosts."""
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from appliance.errors import ApplianceError
 from appliance.manifest import Artifact
 
 MB = 1_000_000
 
 
-class BudgetError(Exception):
+class BudgetError(ApplianceError):
     """One or more artifacts are larger than the spec's size_budget_mb."""
 
     def __init__(self, over: list[Artifact], budget_mb: int) -> None:

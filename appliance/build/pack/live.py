@@ -6,6 +6,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.errors import ApplianceError
+
 
 @dataclass(frozen=True)
 class LiveSet:
@@ -14,7 +16,7 @@ class LiveSet:
     initrd: Path
 
 
-class PackError(Exception):
+class PackError(ApplianceError):
     """An artifact could not be made from the build result."""
 
 
