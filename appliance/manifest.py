@@ -1,14 +1,51 @@
-"""manifest.json: what was built, from what, and every artifact's size and sha256."""
+"""manifest.json: the contract between a build and everything that uses it (boot, flash, PXE, bench).
+
+The build writes it; everyone else reads it with `Manifest.load(dir)`, which
+raises one `NoBuildError` for a directory that holds no build, and finds files
+with `manifest.artifact(kind)`, which names the spec output to add when the
+build lacks one.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from appliance.errors import ApplianceError
+
 MANIFEST_NAME = "manifest.json"
+
+
+class NoBuildError(ApplianceError):
+    """A directory given as a build holds no (readable) manifest.json."""
+
+
+class MissingArtifactError(ApplianceError):
+    """The build has no artifact of the kind asked for."""
+
+
+class ArtifactKind(Enum):
+    """Each kind of file a build makes: its file suffix, and the spec output that makes it."""
+
+    KERNEL = (".vmlinuz", "squashfs")
+    INITRD = (".initrd", "squashfs")
+    SQUASHFS = (".squashfs", "squashfs")
+    ISO = (".iso", "iso")
+    DISK_RAW = (".raw", "disk")
+    DISK_QCOW2 = (".qcow2", "disk")
+    IPXE = (".ipxe", "pxe")
+
+    @property
+    def suffix(self) -> str:
+        return self.value[0]
+
+    @property
+    def output(self) -> str:
+        return self.value[1]
 
 
 @dataclass(frozen=True)
@@ -39,9 +76,69 @@ class Manifest:
     build_seconds: float
     artifacts: tuple[Artifact, ...]
     packages: tuple[Package, ...]
+    # Where it was loaded from (not written to the file).
+    directory: Path | None = None
 
     def to_json(self) -> dict[str, object]:
-        return asdict(self)
+        data = asdict(self)
+        del data["directory"]
+        return data
+
+    @classmethod
+    def load(cls, out_dir: Path) -> Manifest:
+        path = out_dir / MANIFEST_NAME
+        hint = f"run `appliance build -o {out_dir}` first"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as error:
+            raise NoBuildError(f"{out_dir} holds no build (no {MANIFEST_NAME}); {hint}") from error
+        except (OSError, ValueError) as error:
+            raise NoBuildError(f"{path} cannot be read as a build manifest ({error}); {hint}") from error
+        try:
+            return manifest_from_json(data, out_dir)
+        except (KeyError, TypeError, ValueError) as error:
+            raise NoBuildError(
+                f"{path} is not a build manifest of this tool (bad or missing {error}); {hint}"
+            ) from error
+
+    def artifacts_of(self, kind: ArtifactKind) -> list[Artifact]:
+        return [artifact for artifact in self.artifacts if artifact.file.endswith(kind.suffix)]
+
+    def artifact(self, kind: ArtifactKind) -> Path:
+        """The build's file of this kind; an error naming the spec output to add if there is none."""
+        found = self.artifacts_of(kind)
+        where = self.directory or Path(".")
+        if not found:
+            raise MissingArtifactError(
+                f'the build in {where} has no {kind.suffix} file (add "{kind.output}" to outputs in the spec)'
+            )
+        return where / found[0].file
+
+
+def manifest_from_json(data: dict[str, Any], directory: Path | None) -> Manifest:
+    return Manifest(
+        name=str(data.get("name", "")),
+        build_id=str(data.get("build_id", "")),
+        created=str(data.get("created", "")),
+        spec_sha256=str(data.get("spec_sha256", "")),
+        tool_version=str(data.get("tool_version", "")),
+        dib_version=str(data.get("dib_version", "")),
+        release=str(data.get("release", "")),
+        ssh_user=str(data.get("ssh_user", "appliance")),
+        kernel_cmdline=str(data.get("kernel_cmdline", "")),
+        build_seconds=float(data.get("build_seconds", 0.0)),
+        artifacts=tuple(
+            Artifact(
+                file=str(entry["file"]), size_bytes=int(entry.get("size_bytes", 0)), sha256=str(entry.get("sha256", ""))
+            )
+            for entry in data["artifacts"]
+        ),
+        packages=tuple(
+            Package(name=str(entry["name"]), version=str(entry["version"]), arch=str(entry["arch"]))
+            for entry in data.get("packages", [])
+        ),
+        directory=directory,
+    )
 
 
 def sha256_of(path: Path) -> str:
@@ -71,15 +168,3 @@ def write_manifest(manifest: Manifest, out_dir: Path) -> Path:
     path = out_dir / MANIFEST_NAME
     path.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return path
-
-
-def load_manifest(out_dir: Path) -> dict[str, object]:
-    loaded: dict[str, object] = json.loads((out_dir / MANIFEST_NAME).read_text())
-    return loaded
-
-
-def artifact_entries(manifest: dict[str, object]) -> list[dict[str, Any]]:
-    """The manifest's artifacts (file, size_bytes, sha256); none when the list is absent or malformed."""
-    artifacts = manifest.get("artifacts")
-    entries = artifacts if isinstance(artifacts, list) else []
-    return [entry for entry in entries if isinstance(entry, dict) and "file" in entry]

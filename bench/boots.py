@@ -22,9 +22,10 @@ from figures import Section, mebibytes, median_text, summary
 from round_trips import RoundTrips, connect_first_samples, open_channel_samples
 
 from appliance.agent.accel import AccelChoice
-from appliance.boot.boot import BootRequest, find_artifact, find_iso, prepare_disk, read_build
+from appliance.boot.boot import BootRequest, prepare_disk
 from appliance.boot.vm import BootConfig, QemuError, RunningVm, VmPaths, free_local_port, start_vm
 from appliance.build.render import READY_MARKER
+from appliance.manifest import ArtifactKind, Manifest
 from appliance.nodes.client import Node, NodeAddress, NodeError
 from appliance.progress import Progress
 
@@ -68,9 +69,9 @@ class SshWatcher(threading.Thread):
 
 
 def boot_medium(build_dir: Path, media: str, accel: AccelChoice, timeout: float) -> Path:
-    manifest = read_build(build_dir)
+    manifest = Manifest.load(build_dir)
     if media != "disk":
-        return find_iso(build_dir, manifest)
+        return manifest.artifact(ArtifactKind.ISO)
     request = BootRequest(build_dir, True, timeout, accel.accel, "bios", MEMORY_MB, CPUS, media="disk", fresh_disk=True)
     return prepare_disk(request, manifest, VmPaths(build_dir / "run"), io.StringIO())
 
@@ -79,7 +80,7 @@ def boot_once(
     build_dir: Path, media: str, accel: AccelChoice, key: Path, work: Path, timeout: float, trips: RoundTrips,
     counts: tuple[int, int],
 ) -> BootSample:  # fmt: skip
-    user = str(read_build(build_dir).get("ssh_user", "appliance"))
+    user = Manifest.load(build_dir).ssh_user
     config = BootConfig(
         media=boot_medium(build_dir, media, accel, timeout), accel=accel, ssh_port=free_local_port(),
         memory_mb=MEMORY_MB, cpus=CPUS, media_kind=media,
@@ -113,11 +114,7 @@ def boot_once(
 
 
 def has_disk(build_dir: Path) -> bool:
-    try:
-        find_artifact(build_dir, read_build(build_dir), ".raw", "disk")
-    except QemuError:
-        return False
-    return True
+    return bool(Manifest.load(build_dir).artifacts_of(ArtifactKind.DISK_RAW))
 
 
 def measure_boots(

@@ -12,13 +12,15 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-from helpers.keys import make_key
 from figures import MIB, Section, median_text, summary
+from helpers.keys import make_key
 
 from appliance.build.dib import DEFAULT_CACHE_DIR
-from appliance.manifest import artifact_entries, load_manifest
+from appliance.manifest import Manifest
 from appliance.progress import Progress
 from appliance.run import run
 
@@ -80,9 +82,9 @@ def measure_builds(work: Path, progress: Progress, runs: int) -> tuple[Section, 
 
 def measure_sizes(build_dir: Path) -> Section:
     section = Section("sizes", TITLE_SIZES)
-    manifest = load_manifest(build_dir)
-    entries = artifact_entries(manifest)
-    section.data = {"build_dir": str(build_dir), "build_id": manifest.get("build_id"), "artifacts": entries}
+    manifest = Manifest.load(build_dir)
+    entries: list[dict[str, Any]] = [asdict(artifact) for artifact in manifest.artifacts]
+    section.data = {"build_dir": str(build_dir), "build_id": manifest.build_id, "artifacts": entries}
     for entry in entries:
         size = int(entry["size_bytes"])
         note = ""
@@ -92,5 +94,5 @@ def measure_sizes(build_dir: Path) -> Section:
             note = f"sparse: {allocated / MIB:.1f} MiB allocated"
             entry["allocated_bytes"] = allocated
         section.add(str(entry["file"]), f"{size / MIB:.1f} MiB", note)
-    section.reason = f"build {manifest.get('build_id')}, in {build_dir}"
+    section.reason = f"build {manifest.build_id}, in {build_dir}"
     return section

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helpers.agent_process import AgentProcess
 from figures import Section, mebibytes, median_text, summary
-from libvirt_peer import RunningDaemon, destroy, domain_xml, ensure_packages, libvirt_daemons, virsh
+from helpers.agent_process import AgentProcess
 from helpers.tiny_guest import TINY_GUEST_MARKER, TinyGuest, build_tiny_guest
+from libvirt_peer import RunningDaemon, destroy, domain_xml, ensure_packages, libvirt_daemons, virsh
 
 from appliance.agent.host import read_rss
 from appliance.progress import Progress

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from figures import Section, median_text, seconds, summary, timed
 from helpers.agent_process import AgentProcess
 from helpers.keys import make_key
-from figures import Section, median_text, seconds, summary, timed
-from round_trips import RoundTrips, connect_first_samples, open_channel_samples
 from helpers.sshd import Sshd
+from round_trips import RoundTrips, connect_first_samples, open_channel_samples
 
 from appliance.nodes.client import Node, NodeAddress
 from appliance.nodes.fleet import DEFAULT_CONCURRENCY, HostEntry, fan_out

@@ -29,7 +29,7 @@ from appliance.boot.vm import (
 )
 from appliance.build.render import READY_MARKER
 from appliance.deploy.pxe_server import PxeServer, read_pxe_set, start_pxe_server
-from appliance.manifest import artifact_entries, load_manifest
+from appliance.manifest import ArtifactKind, Manifest
 
 GIB = 1 << 30
 DEFAULT_DISK_GIB = 8
@@ -59,30 +59,10 @@ class BootResult:
     pid: int
 
 
-def read_build(out_dir: Path) -> dict[str, object]:
-    try:
-        return load_manifest(out_dir)
-    except FileNotFoundError as error:
-        raise QemuError(
-            f"{out_dir} holds no build (no manifest.json); run `appliance build -o {out_dir}` first"
-        ) from error
-
-
-def find_artifact(out_dir: Path, manifest: dict[str, object], suffix: str, output: str) -> Path:
-    found = [str(entry["file"]) for entry in artifact_entries(manifest) if str(entry["file"]).endswith(suffix)]
-    if not found:
-        raise QemuError(f'the build in {out_dir} has no {suffix} file (add "{output}" to outputs in the spec)')
-    return out_dir / found[0]
-
-
-def find_iso(out_dir: Path, manifest: dict[str, object]) -> Path:
-    return find_artifact(out_dir, manifest, ".iso", "iso")
-
-
-def prepare_disk(request: BootRequest, manifest: dict[str, object], paths: VmPaths, say: TextIO) -> Path:
+def prepare_disk(request: BootRequest, manifest: Manifest, paths: VmPaths, say: TextIO) -> Path:
     """The node's disk: the overlay from an earlier boot of this build, or a new one."""
-    raw = find_artifact(request.out_dir, manifest, ".raw", "disk")
-    build_id = str(manifest.get("build_id", ""))
+    raw = manifest.artifact(ArtifactKind.DISK_RAW)
+    build_id = manifest.build_id
     overlay = paths.disk_overlay
     try:
         made_over = paths.disk_build_id.read_text().strip()
@@ -140,7 +120,7 @@ def boot(request: BootRequest, say: TextIO = sys.stdout) -> BootResult:
     """Boot the ISO or the disk image of the build in DIR. With wait, return once ready and
     leave QEMU running; without, follow the console until Ctrl-C. QEMU is stopped on any
     error or interrupt."""
-    manifest = read_build(request.out_dir)
+    manifest = Manifest.load(request.out_dir)
     paths = VmPaths(request.out_dir / "run")
     running = recorded_vm(paths)
     if running is not None:
@@ -156,9 +136,9 @@ def boot(request: BootRequest, say: TextIO = sys.stdout) -> BootResult:
         pxe_server = serve_pxe_to_qemu(request.out_dir, say)
         media = pxe_server.chain_file
     else:
-        media = find_iso(request.out_dir, manifest)
+        media = manifest.artifact(ArtifactKind.ISO)
     extra_disk = prepare_extra_disk(request, paths, say)
-    user = str(manifest.get("ssh_user", "appliance"))
+    user = manifest.ssh_user
     accel = choose_accel(request.accel)
     say.write(f"accelerator: {accel.accel} ({accel.reason})\n")
     config = BootConfig(

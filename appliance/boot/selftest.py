@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from appliance.agent.accel import PROBE_BOOT_SECTOR, PROBE_MARKER
-from appliance.boot.boot import DEFAULT_DISK_GIB, GIB, BootRequest, BootResult, boot, find_artifact, read_build
-from appliance.boot.vm import QemuError, VmPaths, stop_recorded_vm
+from appliance.boot.boot import DEFAULT_DISK_GIB, GIB, BootRequest, BootResult, boot
+from appliance.boot.vm import VmPaths, stop_recorded_vm
 from appliance.errors import ApplianceError
+from appliance.manifest import ArtifactKind, Manifest
 from appliance.nodes.client import Node, NodeAddress
 
 GUEST = "selftest"
@@ -72,11 +73,7 @@ class Report:
 def choose_media(options: SelftestOptions) -> str:
     if options.media != "auto":
         return options.media
-    try:
-        find_artifact(options.out_dir, read_build(options.out_dir), ".raw", "disk")
-    except QemuError:
-        return "iso"
-    return "disk"
+    return "disk" if Manifest.load(options.out_dir).artifacts_of(ArtifactKind.DISK_RAW) else "iso"
 
 
 def boot_node(options: SelftestOptions, media: str, fresh: bool, say: TextIO) -> BootResult:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.errors import ApplianceError
-from appliance.manifest import artifact_entries, load_manifest
+from appliance.manifest import ArtifactKind, Manifest
 
 CHUNK = 4 << 20
 MB = 1_000_000
@@ -44,17 +44,12 @@ class FlashResult:
 
 def find_image(out_dir: Path) -> tuple[Path, int, str]:
     """NAME.raw of the build in OUT_DIR, with its size and sha256 from the manifest."""
-    try:
-        manifest = load_manifest(out_dir)
-    except FileNotFoundError as error:
-        raise FlashError(f"{out_dir} holds no build (no manifest.json); run `appliance build` first") from error
-    for entry in artifact_entries(manifest):
-        if str(entry["file"]).endswith(".raw"):
-            image = out_dir / str(entry["file"])
-            if not image.is_file():
-                raise FlashError(f"{image} is listed in the manifest but missing")
-            return image, int(entry["size_bytes"]), str(entry["sha256"])
-    raise FlashError(f'the build in {out_dir} has no disk image (add "disk" to outputs in the spec)')
+    manifest = Manifest.load(out_dir)
+    image = manifest.artifact(ArtifactKind.DISK_RAW)
+    if not image.is_file():
+        raise FlashError(f"{image} is listed in the manifest but missing")
+    (entry,) = manifest.artifacts_of(ArtifactKind.DISK_RAW)
+    return image, entry.size_bytes, entry.sha256
 
 
 def describe_target(path: Path, sys_block: Path = Path("/sys/dev/block")) -> Target:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from appliance.build.pack.pxe import chain_script
 from appliance.errors import ApplianceError
-from appliance.manifest import artifact_entries, load_manifest
+from appliance.manifest import ArtifactKind, Manifest
 
 CHAIN_SCRIPT = "boot.ipxe"
-PXE_SUFFIXES = (".ipxe", ".vmlinuz", ".initrd", ".squashfs")
+PXE_SET = (ArtifactKind.IPXE, ArtifactKind.KERNEL, ArtifactKind.INITRD, ArtifactKind.SQUASHFS)
 
 
 class PxeError(ApplianceError):
@@ -35,18 +35,14 @@ class PxeSet:
 
 
 def read_pxe_set(out_dir: Path) -> PxeSet:
-    try:
-        manifest = load_manifest(out_dir)
-    except FileNotFoundError as error:
-        raise PxeError(f"{out_dir} holds no build (no manifest.json); run `appliance build -o {out_dir}`") from error
-    names = [str(entry["file"]) for entry in artifact_entries(manifest)]
-    files = tuple(name for name in names if name.endswith(PXE_SUFFIXES))
-    if not any(name.endswith(".ipxe") for name in files):
+    manifest = Manifest.load(out_dir)
+    files = tuple(artifact.file for kind in PXE_SET for artifact in manifest.artifacts_of(kind))
+    if not manifest.artifacts_of(ArtifactKind.IPXE):
         raise PxeError(f'the build in {out_dir} has no PXE set (add "pxe" to outputs in the spec and rebuild)')
     missing = [name for name in files if not (out_dir / name).is_file()]
     if missing:
         raise PxeError(f"the build in {out_dir} lacks {', '.join(missing)}: rebuild it")
-    return PxeSet(out_dir=out_dir, name=str(manifest["name"]), files=files)
+    return PxeSet(out_dir=out_dir, name=manifest.name, files=files)
 
 
 class PxeHttpServer(ThreadingHTTPServer):

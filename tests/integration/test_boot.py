@@ -12,6 +12,7 @@ from helpers.waiting import wait_until
 
 from appliance.boot.boot import GIB, BootRequest, boot, prepare_disk, prepare_extra_disk
 from appliance.boot.vm import QemuError, VmPaths
+from appliance.manifest import Manifest, MissingArtifactError
 
 
 def write_build(out_dir: Path, build_id: str, outputs: tuple[str, ...] = ("appliance.raw",)) -> dict[str, object]:
@@ -19,7 +20,7 @@ def write_build(out_dir: Path, build_id: str, outputs: tuple[str, ...] = ("appli
     (out_dir / "appliance.raw").write_bytes(b"\0" * 1024 * 1024)
     manifest = {"build_id": build_id, "artifacts": [{"file": name} for name in outputs]}
     (out_dir / "manifest.json").write_text(json.dumps(manifest))
-    return manifest
+    return Manifest.load(out_dir)
 
 
 def request(out_dir: Path, **changes: object) -> BootRequest:
@@ -92,7 +93,7 @@ def test_the_extra_disk_is_blank_when_made_then_kept_until_fresh_disk(tmp_path: 
 
 def test_a_build_without_a_disk_says_which_output_to_add(tmp_path: Path) -> None:
     manifest = write_build(tmp_path, "b1", outputs=("appliance.iso",))
-    with pytest.raises(QemuError, match='add "disk" to outputs'):
+    with pytest.raises(MissingArtifactError, match='add "disk" to outputs'):
         prepare_disk(request(tmp_path), manifest, VmPaths(tmp_path / "run"), io.StringIO())
 
 

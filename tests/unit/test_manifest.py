@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 from appliance.build.pack.budget import BudgetError, check_budget
-from appliance.manifest import Artifact, describe_artifacts, read_dpkg_manifest
+from appliance.manifest import (
+    Artifact,
+    ArtifactKind,
+    Manifest,
+    MissingArtifactError,
+    NoBuildError,
+    describe_artifacts,
+    read_dpkg_manifest,
+)
 
 
 def test_artifacts_are_described_by_size_and_sha256(tmp_path: Path) -> None:
@@ -50,3 +58,27 @@ def test_budget_names_every_artifact_over_it() -> None:
 
 def test_budget_passes_when_everything_fits() -> None:
     check_budget((Artifact("a.iso", 200_000_000, ""),), 200)
+
+
+def test_a_directory_without_a_readable_manifest_is_one_no_build_error(tmp_path: Path) -> None:
+    with pytest.raises(NoBuildError, match="no manifest.json"):
+        Manifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(NoBuildError, match="cannot be read as a build manifest"):
+        Manifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"name": "x"}))
+    with pytest.raises(NoBuildError, match="not a build manifest"):
+        Manifest.load(tmp_path)
+
+
+def test_artifacts_are_found_by_kind_and_a_missing_kind_names_its_output(tmp_path: Path) -> None:
+    artifacts = [
+        {"file": "demo.iso", "size_bytes": 3, "sha256": "a"},
+        {"file": "demo.raw", "size_bytes": 5, "sha256": "b"},
+    ]
+    (tmp_path / "manifest.json").write_text(json.dumps({"name": "demo", "build_id": "demo-1", "artifacts": artifacts}))
+    manifest = Manifest.load(tmp_path)
+    assert manifest.artifact(ArtifactKind.ISO) == tmp_path / "demo.iso"
+    assert manifest.artifacts_of(ArtifactKind.DISK_RAW) == [Artifact("demo.raw", 5, "b")]
+    with pytest.raises(MissingArtifactError, match='add "pxe" to outputs'):
+        manifest.artifact(ArtifactKind.IPXE)

@@ -16,6 +16,7 @@ from appliance.build.pack.live import LiveSet
 from appliance.build.pack.pxe import make_ipxe
 from appliance.build.render import BuildIdentity
 from appliance.deploy.pxe_server import PxeError, PxeServer, read_pxe_set, start_pxe_server
+from appliance.manifest import NoBuildError
 from appliance.spec import Spec
 
 IDENTITY = BuildIdentity(build_id="demo-1", created="2026-01-01T00:00:00+00:00", spec_sha256="0" * 64, tool_version="0")
@@ -77,7 +78,7 @@ def test_server_serves_the_set_and_a_chain_script_and_nothing_else(server: PxeSe
 def test_a_build_without_pxe_output_is_named(tmp_path: Path) -> None:
     with pytest.raises(PxeError, match='add "pxe" to outputs'):
         read_pxe_set(fake_build(tmp_path, with_ipxe=False))
-    with pytest.raises(PxeError, match=r"no manifest\.json"):
+    with pytest.raises(NoBuildError, match=r"no manifest\.json"):
         read_pxe_set(tmp_path / "nothing")
 
 
