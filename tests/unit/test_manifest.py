@@ -61,7 +61,7 @@ def test_budget_passes_when_everything_fits() -> None:
 
 
 def test_a_directory_without_a_readable_manifest_is_one_no_build_error(tmp_path: Path) -> None:
-    with pytest.raises(NoBuildError, match="no manifest.json"):
+    with pytest.raises(NoBuildError, match=r"no manifest\.json"):
         Manifest.load(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(NoBuildError, match="cannot be read as a build manifest"):
