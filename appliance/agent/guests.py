@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from appliance.agent.accel import QEMU, AccelChoice
+from appliance.agent.errors import AgentError, ErrorCode
 from appliance.agent.host import read_meminfo
 from appliance.agent.model import GuestSpec, check_name, parse_cpu_limits
 from appliance.agent.policy import Capacity, Policy, check_create, check_start
 from appliance.agent.processes import live_pid
-from appliance.agent.protocol import AgentError
 from appliance.agent.qmp import QMPClient, QMPError
 from appliance.agent.store import Store
 from appliance.agent.tools import run_tool
@@ -100,7 +100,7 @@ class Host:
     def image(self, name: str) -> Path:
         path = self.images_dir / check_name(name)
         if not path.is_file():
-            raise AgentError("image_not_found", f"no image named {name!r} in the image store")
+            raise AgentError(ErrorCode.IMAGE_NOT_FOUND, f"no image named {name!r} in the image store")
         return path
 
 
@@ -139,7 +139,7 @@ def create_guest(host: Host, store: Store, spec: GuestSpec) -> dict[str, Any]:
     try:
         paths.directory.mkdir(parents=True)
     except FileExistsError as error:
-        raise AgentError("guest_exists", f"a guest named {spec.name!r} already exists") from error
+        raise AgentError(ErrorCode.GUEST_EXISTS, f"a guest named {spec.name!r} already exists") from error
     marker = paths.directory / f"{CREATING_PREFIX}{os.getpid()}"
     marker.touch()
     try:
@@ -196,7 +196,7 @@ def start_guest(host: Host, store: Store, name: str) -> dict[str, Any]:
     spec = store.guest(name)
     paths = host.paths(name)
     if running_pid(paths) is not None:
-        raise AgentError("guest_running", f"guest {name!r} is already running")
+        raise AgentError(ErrorCode.GUEST_RUNNING, f"guest {name!r} is already running")
     running = [other for other in store.guests() if running_pid(host.paths(other.name)) is not None]
     check_start(host.policy, host.capacity(), running, spec)
     paths.qmp_socket.unlink(missing_ok=True)
@@ -228,12 +228,12 @@ def qmp(host: Host, name: str) -> Iterator[QMPClient]:
     """A connected QMP session with a running guest; QMP failures become agent errors."""
     paths = host.paths(name)
     if running_pid(paths) is None:
-        raise AgentError("guest_not_running", f"guest {name!r} is not running")
+        raise AgentError(ErrorCode.GUEST_NOT_RUNNING, f"guest {name!r} is not running")
     try:
         with QMPClient(paths.qmp_socket) as client:
             yield client
     except QMPError as error:
-        raise AgentError("qmp_failed", f"guest {name!r}: {error}") from error
+        raise AgentError(ErrorCode.QMP_FAILED, f"guest {name!r}: {error}") from error
 
 
 def guest_command(host: Host, store: Store, name: str, command: str) -> dict[str, Any]:
@@ -260,7 +260,7 @@ def stop_guest(host: Host, store: Store, name: str, timeout: float) -> dict[str,
     paths = host.paths(name)
     pid = running_pid(paths)
     if pid is None:
-        raise AgentError("guest_not_running", f"guest {name!r} is not running")
+        raise AgentError(ErrorCode.GUEST_NOT_RUNNING, f"guest {name!r} is not running")
     if host.units:
         # Through systemd, so a restart policy never brings back a guest an operator stopped.
         paths.stop_timeout.write_text(f"{timeout}\n")
@@ -312,7 +312,8 @@ def set_cpu(host: Host, store: Store, name: str, params: dict[str, Any]) -> dict
     running = running_pid(host.paths(name)) is not None
     if running and not host.units:
         raise AgentError(
-            "unsupported", "live CPU limits need the guest to run as a systemd unit; this node has no systemd manager"
+            ErrorCode.UNSUPPORTED,
+            "live CPU limits need the guest to run as a systemd unit; this node has no systemd manager",
         )
     updated = replace(spec, cpu_weight=weight, cpu_quota_percent=quota)
     if running and host.units:
@@ -325,7 +326,9 @@ def set_memory(host: Host, store: Store, name: str, memory_mib: int) -> dict[str
     """Change what the guest may use through its virtio balloon (up to its defined memory)."""
     spec = store.guest(name)
     if memory_mib > spec.memory_mib:
-        raise AgentError("invalid_params", f"{memory_mib} MiB is more than the guest's defined {spec.memory_mib} MiB")
+        raise AgentError(
+            ErrorCode.INVALID_PARAMS, f"{memory_mib} MiB is more than the guest's defined {spec.memory_mib} MiB"
+        )
     with qmp(host, name) as client:
         client.execute("balloon", {"value": memory_mib * 1024 * 1024})
         actual = client.execute("query-balloon")["actual"]
@@ -344,7 +347,7 @@ def kill_guest(host: Host, store: Store, name: str) -> dict[str, Any]:
     store.guest(name)
     pid = running_pid(host.paths(name))
     if pid is None:
-        raise AgentError("guest_not_running", f"guest {name!r} is not running")
+        raise AgentError(ErrorCode.GUEST_NOT_RUNNING, f"guest {name!r} is not running")
     force_off(host, name, pid)
     return {"name": name, "killed": True}
 
@@ -455,7 +458,7 @@ def delete_guest(host: Host, store: Store, name: str, force: bool, remove_disks:
     pid = running_pid(paths)
     if pid is not None:
         if not force:
-            raise AgentError("guest_running", f"guest {name!r} is running; stop it first or pass force")
+            raise AgentError(ErrorCode.GUEST_RUNNING, f"guest {name!r} is running; stop it first or pass force")
         force_off(host, name, pid)
     store.remove_guest(name)
     if remove_disks:

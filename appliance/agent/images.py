@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from appliance.agent.errors import AgentError, ErrorCode
 from appliance.agent.guests import Host
 from appliance.agent.model import check_name
-from appliance.agent.protocol import AgentError
 from appliance.agent.store import Store
 
 CHUNK = 1 << 20
@@ -44,18 +44,18 @@ def receive_image(host: Host, store: Store, name: str, size: int, sha256: str, s
             out.flush()
             os.fsync(out.fileno())
         if received != size:
-            raise AgentError("upload_incomplete", f"the connection ended after {received} of {size} bytes")
+            raise AgentError(ErrorCode.UPLOAD_INCOMPLETE, f"the connection ended after {received} of {size} bytes")
         if digest.hexdigest() != sha256:
-            raise AgentError("checksum_mismatch", f"sha256 of the upload is {digest.hexdigest()}, not {sha256}")
+            raise AgentError(ErrorCode.CHECKSUM_MISMATCH, f"sha256 of the upload is {digest.hexdigest()}, not {sha256}")
         if target.exists():
-            raise AgentError("image_exists", f"an image named {name!r} already exists")
+            raise AgentError(ErrorCode.IMAGE_EXISTS, f"an image named {name!r} already exists")
         store.add_image(name, size, sha256)
         try:
             # link, not rename: it fails instead of replacing an image that appeared meanwhile.
             os.link(partial, target)
         except FileExistsError as error:
             store.remove_image(name)
-            raise AgentError("image_exists", f"an image named {name!r} already exists") from error
+            raise AgentError(ErrorCode.IMAGE_EXISTS, f"an image named {name!r} already exists") from error
     finally:
         partial.unlink(missing_ok=True)
     return {"name": name, "size_bytes": size, "sha256": sha256}
@@ -72,7 +72,7 @@ def remove_stale_partials(images_dir: Path) -> None:
 def delete_image(host: Host, store: Store, name: str) -> dict[str, Any]:
     users = [spec.name for spec in store.guests() if name in spec.images_used()]
     if users:
-        raise AgentError("image_in_use", f"image {name!r} is used by guest(s) {', '.join(users)}")
+        raise AgentError(ErrorCode.IMAGE_IN_USE, f"image {name!r} is used by guest(s) {', '.join(users)}")
     store.remove_image(name)
     (host.images_dir / check_name(name)).unlink(missing_ok=True)
     return {"name": name, "deleted": True}

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
-from appliance.agent.protocol import INVALID_PARAMS, AgentError
+from appliance.agent.errors import AgentError, ErrorCode
 
 # Names become file and unit names: no separators, no dots-only, bounded.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -66,7 +66,7 @@ class GuestSpec:
 
 
 def invalid(message: str, field: str) -> AgentError:
-    return AgentError("invalid_params", message, INVALID_PARAMS, {"field": field})
+    return AgentError(ErrorCode.INVALID_PARAMS, message, {"field": field})
 
 
 def check_name(value: object, field: str = "name") -> str:

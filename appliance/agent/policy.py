@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from appliance.agent.errors import AgentError, ErrorCode
 from appliance.agent.model import GuestSpec
-from appliance.agent.protocol import AgentError
 
 MIB = 1024 * 1024
 
@@ -38,12 +38,12 @@ class Capacity:
 def check_create(policy: Policy, capacity: Capacity, defined: list[GuestSpec], new: GuestSpec) -> None:
     if len(defined) >= policy.max_guests:
         raise AgentError(
-            "policy_max_guests", f"the node already has {len(defined)} guests (max_guests {policy.max_guests})"
+            ErrorCode.POLICY_MAX_GUESTS, f"the node already has {len(defined)} guests (max_guests {policy.max_guests})"
         )
     limit = capacity.guest_memory_mib(policy)
     if new.memory_mib > limit:
         raise AgentError(
-            "policy_memory",
+            ErrorCode.POLICY_MEMORY,
             f"{new.memory_mib} MiB is more than guests may ever use here: {limit} MiB "
             f"({capacity.memory_total_bytes // MIB} MiB total - {policy.reserved_memory_mib} MiB reserved "
             f"for the host, x{policy.memory_overcommit} overcommit)",
@@ -55,7 +55,7 @@ def check_start(policy: Policy, capacity: Capacity, running: list[GuestSpec], ne
     memory_limit = capacity.guest_memory_mib(policy)
     if memory_in_use + new.memory_mib > memory_limit:
         raise AgentError(
-            "policy_memory",
+            ErrorCode.POLICY_MEMORY,
             f"starting {new.name!r} needs {new.memory_mib} MiB; running guests have {memory_in_use} MiB "
             f"of the {memory_limit} MiB guests may use",
         )
@@ -63,7 +63,7 @@ def check_start(policy: Policy, capacity: Capacity, running: list[GuestSpec], ne
     vcpu_limit = capacity.guest_vcpus(policy)
     if vcpus_in_use + new.vcpus > vcpu_limit:
         raise AgentError(
-            "policy_cpu",
+            ErrorCode.POLICY_CPU,
             f"starting {new.name!r} needs {new.vcpus} vCPUs; running guests have {vcpus_in_use} "
             f"of the {vcpu_limit} vCPUs allowed ({capacity.cpus} CPUs x{policy.cpu_overcommit} overcommit)",
         )

@@ -11,29 +11,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from appliance.agent.errors import AgentError, ErrorCode
+
 PROTOCOL_VERSION = 1
 MAX_LINE_BYTES = 1 << 20
-
-# JSON-RPC 2.0 numeric codes; ours are in the server-error range.
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
-APPLICATION_ERROR = -32000
-
-
-class AgentError(Exception):
-    """A request failed; `code` is the stable name clients match on."""
-
-    def __init__(
-        self, code: str, message: str, rpc_code: int = APPLICATION_ERROR, details: dict[str, Any] | None = None
-    ):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.rpc_code = rpc_code
-        self.details = details or {}
 
 
 @dataclass(frozen=True)
@@ -57,7 +38,7 @@ def read_line(stream: BinaryIO) -> bytes | None:
             rest = stream.readline(MAX_LINE_BYTES)
             if not rest or rest.endswith(b"\n"):
                 break
-        raise AgentError("too_large", f"request line longer than {MAX_LINE_BYTES} bytes", INVALID_REQUEST)
+        raise AgentError(ErrorCode.TOO_LARGE, f"request line longer than {MAX_LINE_BYTES} bytes")
     return line.rstrip(b"\r\n")
 
 
@@ -65,25 +46,23 @@ def parse_request(line: bytes) -> Request:
     try:
         message = json.loads(line)
     except (ValueError, UnicodeDecodeError) as error:
-        raise AgentError("parse_error", f"not valid JSON: {error}", PARSE_ERROR) from error
+        raise AgentError(ErrorCode.PARSE_ERROR, f"not valid JSON: {error}") from error
     if not isinstance(message, dict):
-        raise AgentError("invalid_request", "a request must be a JSON object", INVALID_REQUEST)
+        raise AgentError(ErrorCode.INVALID_REQUEST, "a request must be a JSON object")
     request_id = message.get("id")
     if request_id is not None and (isinstance(request_id, bool) or not isinstance(request_id, int | str)):
-        raise AgentError("invalid_request", "id must be a string, a number or null", INVALID_REQUEST)
+        raise AgentError(ErrorCode.INVALID_REQUEST, "id must be a string, a number or null")
     unknown = set(message) - {"jsonrpc", "id", "method", "params"}
     if message.get("jsonrpc") != "2.0":
-        raise AgentError("invalid_request", 'jsonrpc must be "2.0"', INVALID_REQUEST, {"id": request_id})
+        raise AgentError(ErrorCode.INVALID_REQUEST, 'jsonrpc must be "2.0"', {"id": request_id})
     if unknown:
-        raise AgentError(
-            "invalid_request", f"unknown fields: {', '.join(sorted(unknown))}", INVALID_REQUEST, {"id": request_id}
-        )
+        raise AgentError(ErrorCode.INVALID_REQUEST, f"unknown fields: {', '.join(sorted(unknown))}", {"id": request_id})
     method = message.get("method")
     if not isinstance(method, str) or not method:
-        raise AgentError("invalid_request", "method must be a non-empty string", INVALID_REQUEST, {"id": request_id})
+        raise AgentError(ErrorCode.INVALID_REQUEST, "method must be a non-empty string", {"id": request_id})
     params = message.get("params", {})
     if not isinstance(params, dict):
-        raise AgentError("invalid_params", "params must be a JSON object", INVALID_PARAMS, {"id": request_id})
+        raise AgentError(ErrorCode.INVALID_PARAMS, "params must be a JSON object", {"id": request_id})
     return Request(id=request_id, method=method, params=params)
 
 

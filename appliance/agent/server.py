@@ -6,21 +6,20 @@ everything an operator can reach.
 
 from __future__ import annotations
 
+import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from appliance.agent import __version__, guests, images
 from appliance.agent.accel import AccelChoice
+from appliance.agent.errors import AgentError, ErrorCode
 from appliance.agent.host import collect_report
 from appliance.agent.model import CPU_FIELDS, check_fields, check_int, check_name, parse_guest_spec
 from appliance.agent.policy import Policy
 from appliance.agent.protocol import (
-    INTERNAL_ERROR,
-    INVALID_PARAMS,
-    METHOD_NOT_FOUND,
     PROTOCOL_VERSION,
-    AgentError,
     error_message,
     parse_request,
     read_line,
@@ -64,9 +63,7 @@ Method = Callable[[ServerContext, dict[str, Any]], Any]
 
 def no_params(params: dict[str, Any]) -> None:
     if params:
-        raise AgentError(
-            "invalid_params", f"this method takes no params (got {', '.join(sorted(params))})", INVALID_PARAMS
-        )
+        raise AgentError(ErrorCode.INVALID_PARAMS, f"this method takes no params (got {', '.join(sorted(params))})")
 
 
 def agent_hello(context: ServerContext, params: dict[str, Any]) -> dict[str, Any]:
@@ -88,7 +85,7 @@ def guest_name(params: dict[str, Any], extra: set[str] | None = None) -> str:
 def flag(params: dict[str, Any], field: str) -> bool:
     value = params.get(field, False)
     if not isinstance(value, bool):
-        raise AgentError("invalid_params", f"{field} must be true or false", INVALID_PARAMS, {"field": field})
+        raise AgentError(ErrorCode.INVALID_PARAMS, f"{field} must be true or false", {"field": field})
     return value
 
 
@@ -160,7 +157,7 @@ def image_import(context: ServerContext, params: dict[str, Any]) -> Any:
         name = check_name(params.get("name"))
         sha256 = params.get("sha256")
         if not isinstance(sha256, str) or not images.SHA256_PATTERN.match(sha256):
-            raise AgentError("invalid_params", "sha256 must be 64 lower-case hex digits", INVALID_PARAMS)
+            raise AgentError(ErrorCode.INVALID_PARAMS, "sha256 must be 64 lower-case hex digits")
     except AgentError:
         skip_bytes(context.requests, size)
         raise
@@ -214,14 +211,16 @@ def handle_line(context: ServerContext, line: bytes) -> tuple[bytes, bool]:
         request_id = request.id
         method = METHODS.get(request.method)
         if method is None:
-            raise AgentError("method_not_found", f"unknown method {request.method!r}", METHOD_NOT_FOUND)
+            raise AgentError(ErrorCode.METHOD_NOT_FOUND, f"unknown method {request.method!r}")
         return result_message(request_id, method(context, request.params)), False
     except AgentError as error:
         return error_message(error.details.get("id", request_id), error), bool(error.details.get("close"))
     except Exception as error:
-        # A bug in one method must not end the operator's connection; the
-        # reply names the exception so the cause is not hidden.
-        failure = AgentError("internal_error", f"{type(error).__name__}: {error}", INTERNAL_ERROR)
+        # A bug in one method must not end the operator's connection. The
+        # traceback goes to stderr (the journal on the node), the reply names
+        # the exception, so the cause is not hidden from either.
+        traceback.print_exc(file=sys.stderr)
+        failure = AgentError(ErrorCode.INTERNAL_ERROR, f"{type(error).__name__}: {error}")
         return error_message(request_id, failure), False
 
 

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from appliance.agent.errors import AgentError, ErrorCode
 from appliance.agent.model import GuestSpec, guest_spec_from_json
-from appliance.agent.protocol import AgentError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS guests (
@@ -63,7 +63,7 @@ class Store:
                     (spec.name, json.dumps(spec.to_json()), time.time()),
                 )
         except sqlite3.IntegrityError as error:
-            raise AgentError("guest_exists", f"a guest named {spec.name!r} already exists") from error
+            raise AgentError(ErrorCode.GUEST_EXISTS, f"a guest named {spec.name!r} already exists") from error
 
     def replace_guest(self, spec: GuestSpec) -> None:
         with self.transaction() as db:
@@ -73,12 +73,12 @@ class Store:
                 ).rowcount
                 == 0
             ):
-                raise AgentError("guest_not_found", f"no guest named {spec.name!r}")
+                raise AgentError(ErrorCode.GUEST_NOT_FOUND, f"no guest named {spec.name!r}")
 
     def guest(self, name: str) -> GuestSpec:
         row = self.db.execute("SELECT definition FROM guests WHERE name = ?", (name,)).fetchone()
         if row is None:
-            raise AgentError("guest_not_found", f"no guest named {name!r}")
+            raise AgentError(ErrorCode.GUEST_NOT_FOUND, f"no guest named {name!r}")
         return guest_spec_from_json(json.loads(row[0]))
 
     def guests(self) -> list[GuestSpec]:
@@ -88,7 +88,7 @@ class Store:
     def remove_guest(self, name: str) -> None:
         with self.transaction() as db:
             if db.execute("DELETE FROM guests WHERE name = ?", (name,)).rowcount == 0:
-                raise AgentError("guest_not_found", f"no guest named {name!r}")
+                raise AgentError(ErrorCode.GUEST_NOT_FOUND, f"no guest named {name!r}")
 
     def add_image(self, name: str, size_bytes: int, sha256: str) -> None:
         try:
@@ -98,7 +98,7 @@ class Store:
                     (name, size_bytes, sha256, time.time()),
                 )
         except sqlite3.IntegrityError as error:
-            raise AgentError("image_exists", f"an image named {name!r} already exists") from error
+            raise AgentError(ErrorCode.IMAGE_EXISTS, f"an image named {name!r} already exists") from error
 
     def images(self) -> list[dict[str, object]]:
         rows = self.db.execute("SELECT name, size_bytes, sha256, created FROM images ORDER BY name").fetchall()
@@ -107,4 +107,4 @@ class Store:
     def remove_image(self, name: str) -> None:
         with self.transaction() as db:
             if db.execute("DELETE FROM images WHERE name = ?", (name,)).rowcount == 0:
-                raise AgentError("image_not_found", f"no image named {name!r}")
+                raise AgentError(ErrorCode.IMAGE_NOT_FOUND, f"no image named {name!r}")

@@ -19,8 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.agent.errors import AgentError
 from appliance.agent.model import GuestSpec, RestartPolicy
-from appliance.agent.protocol import AgentError
 from appliance.agent.tools import run_tool
 
 UNIT_PREFIX = "appliance-guest-"

@@ -20,6 +20,7 @@ from typing import Any
 
 import paramiko
 
+from appliance.agent.errors import ErrorCode
 from appliance.errors import ApplianceError
 
 AGENT_COMMAND = "appliance-agent serve"
@@ -48,12 +49,13 @@ class ConnectionLostError(NodeError):
 
 
 class AgentCallError(NodeError):
-    """The agent answered with an error; `code` is its stable name."""
+    """The agent answered with an error; `code` is its stable name (a newer agent may send one we do not know)."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
+        known = code in ErrorCode.__members__.values()
+        self.code: ErrorCode | str = ErrorCode(code) if known else code
         self.message = message
+        super().__init__(f"{code}: {message}")
 
 
 @dataclass(frozen=True)
