@@ -471,7 +471,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
     result = boot(request)
     if args.wait:
         print(f"ready after {result.seconds_to_ready:.1f}s ({result.accel.accel})")
-        print(f"  console log:      {result.paths.serial_log}")
+        print(f"  console log:      {result.paths.console_log}")
         print(f"  stop it:          appliance stop {args.dir}")
     return EXIT_OK
 

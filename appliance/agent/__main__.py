@@ -10,9 +10,10 @@ from pathlib import Path
 
 from appliance.agent.accel import AccelChoice, node_accel
 from appliance.agent.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
-from appliance.agent.guests import powerdown_guest, start_autostart_guests
+from appliance.agent.guests import Hypervisor, powerdown_guest, start_autostart_guests
 from appliance.agent.host import collect_report
 from appliance.agent.server import ServerContext, serve
+from appliance.agent.supervisors import ProcessSupervisor, Supervisor, SystemdSupervisor
 from appliance.agent.units import find_user_manager
 
 
@@ -73,14 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     accel = node_accel(os.environ.get("APPLIANCE_ACCEL") or config.accel, state_dir / ACCEL_CACHE_NAME)
     if args.verb in ("serve", "autostart", "powerdown-guest"):
-        context = ServerContext(
-            state_dir,
-            config.build_info_path,
-            accel,
-            config.policy,
-            units=find_user_manager(),
-            agent_command=own_command(args.config, state_dir),
+        manager = find_user_manager()
+        supervisor: Supervisor = (
+            SystemdSupervisor(manager, own_command(args.config, state_dir)) if manager else ProcessSupervisor()
         )
+        hypervisor = Hypervisor(state_dir=state_dir, accel=accel, policy=config.policy, supervisor=supervisor)
+        context = ServerContext(hypervisor, config.build_info_path)
         if args.verb == "serve":
             serve(context, sys.stdin.buffer, sys.stdout.buffer)
         elif args.verb == "autostart":

@@ -4,8 +4,8 @@ Guests are separate processes: QEMU daemonizes with a pid file and a QMP
 socket in the guest's directory, so an agent that restarts (or the next one,
 since every SSH connection runs its own) finds every running guest again from
 those two files. State is never cached: it is read from the pid and QMP.
-On a systemd node the same QEMU runs as the guest's unit (units.py), which
-adds restart policy, cgroup limits and a clean stop at host shutdown.
+Who keeps QEMU running (a systemd unit, or QEMU itself) is the hypervisor's
+supervisor (supervisors.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,66 +21,29 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from appliance.agent.accel import QEMU, AccelChoice
+from appliance.agent.accel import AccelChoice
 from appliance.agent.errors import AgentError, ErrorCode
 from appliance.agent.host import read_meminfo
 from appliance.agent.model import GuestSpec, check_name, parse_cpu_limits
 from appliance.agent.policy import Capacity, Policy, check_create, check_start
-from appliance.agent.processes import live_pid
+from appliance.agent.qemu import base_argv, request_powerdown, running_pid, wait_gone
 from appliance.agent.qmp import QMPClient, QMPError
 from appliance.agent.store import Store
+from appliance.agent.supervisors import GuestFiles, ProcessSupervisor, Supervisor
 from appliance.agent.tools import run_tool
-from appliance.agent.units import UserManager, cgroup_limits, set_cpu_live, start_unit, stop_unit, unit_name
 
 QEMU_IMG = "qemu-img"
 CONSOLE_TAIL_MAX = 64 * 1024
 
 
 @dataclass(frozen=True)
-class GuestPaths:
-    directory: Path
-
-    @property
-    def pid_file(self) -> Path:
-        return self.directory / "qemu.pid"
-
-    @property
-    def qmp_socket(self) -> Path:
-        return self.directory / "qmp.sock"
-
-    @property
-    def console_log(self) -> Path:
-        return self.directory / "console.log"
-
-    @property
-    def stop_timeout(self) -> Path:
-        """How long the unit's ExecStop waits for an ACPI power-down (0: not at all)."""
-        return self.directory / "stop-timeout"
-
-    @property
-    def last_stop(self) -> Path:
-        """What the unit's last ExecStop saw: "clean" or "forced"."""
-        return self.directory / "last-stop"
-
-    def disk(self, index: int) -> Path:
-        return self.directory / f"disk{index}.qcow2"
-
-
-@dataclass(frozen=True)
-class Host:
-    """Where guests live and how QEMU is run on this node."""
+class Hypervisor:
+    """This node as guests see it: where they live, how QEMU runs, who supervises it, the policy."""
 
     state_dir: Path
     accel: AccelChoice
     policy: Policy = field(default_factory=Policy)
-    # The user's systemd manager when guests run as units, else None.
-    units: UserManager | None = None
-    # How a unit's ExecStop runs this agent (its config and state dir included).
-    agent_command: tuple[str, ...] = ()
-
-    @property
-    def supervisor(self) -> str:
-        return "systemd" if self.units else "process"
+    supervisor: Supervisor = field(default_factory=ProcessSupervisor)
 
     def capacity(self) -> Capacity:
         return Capacity(memory_total_bytes=read_meminfo().get("MemTotal", 0), cpus=os.cpu_count() or 1)
@@ -94,8 +56,8 @@ class Host:
     def images_dir(self) -> Path:
         return self.state_dir / "images"
 
-    def paths(self, name: str) -> GuestPaths:
-        return GuestPaths(self.guests_dir / check_name(name))
+    def paths(self, name: str) -> GuestFiles:
+        return GuestFiles(self.guests_dir / check_name(name))
 
     def image(self, name: str) -> Path:
         path = self.images_dir / check_name(name)
@@ -112,7 +74,7 @@ def image_format(path: Path) -> str:
 CREATING_PREFIX = ".creating-"
 
 
-def repair_interrupted_creates(host: Host, store: Store) -> None:
+def repair_interrupted_creates(host: Hypervisor, store: Store) -> None:
     """Finish what an agent that died inside create_guest left behind.
 
     A create marks the guest directory with .creating-PID until its row is
@@ -132,7 +94,7 @@ def repair_interrupted_creates(host: Host, store: Store) -> None:
             shutil.rmtree(marker.parent, ignore_errors=True)
 
 
-def create_guest(host: Host, store: Store, spec: GuestSpec) -> dict[str, Any]:
+def create_guest(host: Hypervisor, store: Store, spec: GuestSpec) -> dict[str, Any]:
     """Disks first, then the row; any failure removes what was made."""
     check_create(host.policy, host.capacity(), store.guests(), spec)
     paths = host.paths(spec.name)
@@ -162,21 +124,10 @@ def create_guest(host: Host, store: Store, spec: GuestSpec) -> dict[str, Any]:
     return spec.to_json()
 
 
-def running_pid(paths: GuestPaths) -> int | None:
-    """The pid of this guest's QEMU if it is alive (and really is QEMU)."""
-    return live_pid(paths.pid_file, QEMU, str(paths.pid_file))
-
-
-def qemu_argv(host: Host, spec: GuestSpec, paths: GuestPaths) -> list[str]:
+def qemu_argv(host: Hypervisor, spec: GuestSpec, paths: GuestFiles) -> list[str]:
     argv = [
-        QEMU, "-name", f"guest={spec.name}", "-machine", f"q35,accel={host.accel.accel}",
-        "-cpu", host.accel.cpu,
-        "-smp", str(spec.vcpus), "-m", str(spec.memory_mib),
-        "-nodefaults", "-no-user-config", "-display", "none",
-        "-sandbox", "on",
-        "-daemonize", "-pidfile", str(paths.pid_file),
-        "-qmp", f"unix:{paths.qmp_socket},server=on,wait=off",
-        "-serial", f"file:{paths.console_log}",
+        *base_argv(f"guest={spec.name}", host.accel, spec.memory_mib, spec.vcpus, paths),
+        "-no-user-config", "-sandbox", "on", "-daemonize",
         "-device", "virtio-balloon-pci,id=balloon0",
     ]  # fmt: skip
     for index, _ in enumerate(spec.disks):
@@ -192,7 +143,7 @@ def qemu_argv(host: Host, spec: GuestSpec, paths: GuestPaths) -> list[str]:
     return argv
 
 
-def start_guest(host: Host, store: Store, name: str) -> dict[str, Any]:
+def start_guest(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
     spec = store.guest(name)
     paths = host.paths(name)
     if running_pid(paths) is not None:
@@ -202,15 +153,11 @@ def start_guest(host: Host, store: Store, name: str) -> dict[str, Any]:
     paths.qmp_socket.unlink(missing_ok=True)
     paths.console_log.unlink(missing_ok=True)
     started = time.monotonic()
-    if host.units:
-        stop_command = [*host.agent_command, "powerdown-guest", name]
-        start_unit(host.units, spec, qemu_argv(host, spec, paths), paths.pid_file, stop_command)
-    else:
-        run_tool(qemu_argv(host, spec, paths))
+    host.supervisor.start(spec, qemu_argv(host, spec, paths), paths)
     return {"name": name, "pid": running_pid(paths), "seconds": round(time.monotonic() - started, 3)}
 
 
-def start_autostart_guests(host: Host, store: Store) -> list[dict[str, Any]]:
+def start_autostart_guests(host: Hypervisor, store: Store) -> list[dict[str, Any]]:
     """Start every guest marked autostart that is not running; one failure does not stop the rest."""
     results: list[dict[str, Any]] = []
     for spec in store.guests():
@@ -224,7 +171,7 @@ def start_autostart_guests(host: Host, store: Store) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def qmp(host: Host, name: str) -> Iterator[QMPClient]:
+def qmp(host: Hypervisor, name: str) -> Iterator[QMPClient]:
     """A connected QMP session with a running guest; QMP failures become agent errors."""
     paths = host.paths(name)
     if running_pid(paths) is None:
@@ -236,7 +183,7 @@ def qmp(host: Host, name: str) -> Iterator[QMPClient]:
         raise AgentError(ErrorCode.QMP_FAILED, f"guest {name!r}: {error}") from error
 
 
-def guest_command(host: Host, store: Store, name: str, command: str) -> dict[str, Any]:
+def guest_command(host: Hypervisor, store: Store, name: str, command: str) -> dict[str, Any]:
     """pause (stop), resume (cont) and reboot (system_reset) through QMP."""
     store.guest(name)
     with qmp(host, name) as client:
@@ -244,41 +191,17 @@ def guest_command(host: Host, store: Store, name: str, command: str) -> dict[str
     return guest_info(host, store, name)
 
 
-def wait_gone(pid: int, deadline: float) -> bool:
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def stop_guest(host: Host, store: Store, name: str, timeout: float) -> dict[str, Any]:
+def stop_guest(host: Hypervisor, store: Store, name: str, timeout: float) -> dict[str, Any]:
     """ACPI power-down, then force after `timeout` seconds."""
     store.guest(name)
     paths = host.paths(name)
     pid = running_pid(paths)
     if pid is None:
         raise AgentError(ErrorCode.GUEST_NOT_RUNNING, f"guest {name!r} is not running")
-    if host.units:
-        # Through systemd, so a restart policy never brings back a guest an operator stopped.
-        paths.stop_timeout.write_text(f"{timeout}\n")
-        paths.last_stop.unlink(missing_ok=True)
-        stop_unit(host.units, name)
-        # No word from ExecStop means it never ran (the unit was still starting, say):
-        # systemd's SIGTERM ended QEMU, which is a forced stop.
-        forced = not (paths.last_stop.exists() and paths.last_stop.read_text().strip() == "clean")
-        return {"name": name, "forced": forced}
-    with qmp(host, name) as client:
-        client.execute("system_powerdown")
-    forced = not wait_gone(pid, time.monotonic() + timeout)
-    if forced:
-        kill_pid(pid)
-    return {"name": name, "forced": forced}
+    return {"name": name, "forced": host.supervisor.stop(name, paths, pid, timeout)}
 
 
-def powerdown_guest(host: Host, name: str) -> str:
+def powerdown_guest(host: Hypervisor, name: str) -> str:
     """A unit's ExecStop: ACPI power-down and wait, then leave the rest to systemd's SIGTERM.
 
     Without an agent's stop-timeout (a host shutdown), the guest gets a minute.
@@ -292,12 +215,8 @@ def powerdown_guest(host: Host, name: str) -> str:
     pid = running_pid(paths)
     outcome = "clean"
     if pid is not None and timeout > 0:
-        try:
-            with QMPClient(paths.qmp_socket, timeout=5) as client:
-                client.execute("system_powerdown")
-        except QMPError:
-            pass  # QEMU not answering: systemd's SIGTERM follows.
-        if not wait_gone(pid, time.monotonic() + timeout):
+        # QEMU not answering is no reason to stop here: systemd's SIGTERM follows.
+        if not (request_powerdown(paths, timeout=5) and wait_gone(pid, timeout)):
             outcome = "forced"
     elif pid is not None:
         outcome = "forced"
@@ -305,24 +224,19 @@ def powerdown_guest(host: Host, name: str) -> str:
     return outcome
 
 
-def set_cpu(host: Host, store: Store, name: str, params: dict[str, Any]) -> dict[str, Any]:
+def set_cpu(host: Hypervisor, store: Store, name: str, params: dict[str, Any]) -> dict[str, Any]:
     """Change a guest's CPU weight and quota: kept in its definition, applied live to its unit."""
     spec = store.guest(name)
     weight, quota = parse_cpu_limits(params, spec.vcpus, spec.cpu_weight, spec.cpu_quota_percent)
     running = running_pid(host.paths(name)) is not None
-    if running and not host.units:
-        raise AgentError(
-            ErrorCode.UNSUPPORTED,
-            "live CPU limits need the guest to run as a systemd unit; this node has no systemd manager",
-        )
     updated = replace(spec, cpu_weight=weight, cpu_quota_percent=quota)
-    if running and host.units:
-        set_cpu_live(host.units, updated)
+    if running:
+        host.supervisor.set_cpu_live(updated)
     store.replace_guest(updated)
     return {"name": name, "cpu_weight": weight, "cpu_quota_percent": quota, "applied_live": running}
 
 
-def set_memory(host: Host, store: Store, name: str, memory_mib: int) -> dict[str, Any]:
+def set_memory(host: Hypervisor, store: Store, name: str, memory_mib: int) -> dict[str, Any]:
     """Change what the guest may use through its virtio balloon (up to its defined memory)."""
     spec = store.guest(name)
     if memory_mib > spec.memory_mib:
@@ -335,33 +249,16 @@ def set_memory(host: Host, store: Store, name: str, memory_mib: int) -> dict[str
     return {"name": name, "target_mib": memory_mib, "actual_mib": actual // (1024 * 1024)}
 
 
-def kill_pid(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    wait_gone(pid, time.monotonic() + 10)
-
-
-def kill_guest(host: Host, store: Store, name: str) -> dict[str, Any]:
+def kill_guest(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
     store.guest(name)
     pid = running_pid(host.paths(name))
     if pid is None:
         raise AgentError(ErrorCode.GUEST_NOT_RUNNING, f"guest {name!r} is not running")
-    force_off(host, name, pid)
+    host.supervisor.force_off(name, host.paths(name), pid)
     return {"name": name, "killed": True}
 
 
-def force_off(host: Host, name: str, pid: int) -> None:
-    """End QEMU at once; a unit is stopped (no power-down) so its restart policy does not apply."""
-    if host.units:
-        host.paths(name).stop_timeout.write_text("0\n")
-        stop_unit(host.units, name)
-    else:
-        kill_pid(pid)
-
-
-def guest_state(host: Host, name: str) -> tuple[str, int | None]:
+def guest_state(host: Hypervisor, name: str) -> tuple[str, int | None]:
     paths = host.paths(name)
     pid = running_pid(paths)
     if pid is None:
@@ -374,7 +271,7 @@ def guest_state(host: Host, name: str) -> tuple[str, int | None]:
     return ("running" if status == "running" else str(status)), pid
 
 
-def guest_info(host: Host, store: Store, name: str) -> dict[str, Any]:
+def guest_info(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
     spec = store.guest(name)
     state, pid = guest_state(host, name)
     paths = host.paths(name)
@@ -387,14 +284,12 @@ def guest_info(host: Host, store: Store, name: str) -> dict[str, Any]:
         info["cpu_seconds"] = (int(fields[11]) + int(fields[12])) / ticks
         info["memory_actual_mib"] = balloon_actual_mib(paths)
         info["user"] = pwd.getpwuid(os.stat(f"/proc/{pid}").st_uid).pw_name
-        if host.units:
-            info["unit"] = unit_name(name)
-            info["cgroup"] = cgroup_limits(pid)
-    info["supervisor"] = host.supervisor
+        info.update(host.supervisor.describe(name, pid))
+    info["supervisor"] = host.supervisor.name
     return info
 
 
-def balloon_actual_mib(paths: GuestPaths) -> int | None:
+def balloon_actual_mib(paths: GuestFiles) -> int | None:
     """What the guest holds now after its balloon (None when QMP does not say)."""
     try:
         with QMPClient(paths.qmp_socket, timeout=5) as client:
@@ -403,7 +298,7 @@ def balloon_actual_mib(paths: GuestPaths) -> int | None:
         return None
 
 
-def resources_report(host: Host, store: Store) -> dict[str, Any]:
+def resources_report(host: Hypervisor, store: Store) -> dict[str, Any]:
     """What guests hold of this node, for host.report."""
     counts: dict[str, int] = {}
     allocated_mib = 0
@@ -422,13 +317,13 @@ def resources_report(host: Host, store: Store) -> dict[str, Any]:
         "storage_total_bytes": disk.f_blocks * disk.f_frsize,
         "storage_free_bytes": disk.f_bavail * disk.f_frsize,
         "guests_by_state": counts,
-        "guest_supervisor": host.supervisor,
+        "guest_supervisor": host.supervisor.name,
         "load": list(os.getloadavg()),
         "policy": asdict(host.policy),
     }
 
 
-def list_guests(host: Host, store: Store) -> list[dict[str, Any]]:
+def list_guests(host: Hypervisor, store: Store) -> list[dict[str, Any]]:
     listed = []
     for spec in store.guests():
         state, pid = guest_state(host, spec.name)
@@ -438,7 +333,7 @@ def list_guests(host: Host, store: Store) -> list[dict[str, Any]]:
     return listed
 
 
-def console_tail(host: Host, store: Store, name: str, max_bytes: int) -> dict[str, Any]:
+def console_tail(host: Hypervisor, store: Store, name: str, max_bytes: int) -> dict[str, Any]:
     store.guest(name)
     path = host.paths(name).console_log
     try:
@@ -452,14 +347,14 @@ def console_tail(host: Host, store: Store, name: str, max_bytes: int) -> dict[st
     return {"name": name, "text": data.decode(errors="replace")}
 
 
-def delete_guest(host: Host, store: Store, name: str, force: bool, remove_disks: bool) -> dict[str, Any]:
+def delete_guest(host: Hypervisor, store: Store, name: str, force: bool, remove_disks: bool) -> dict[str, Any]:
     store.guest(name)
     paths = host.paths(name)
     pid = running_pid(paths)
     if pid is not None:
         if not force:
             raise AgentError(ErrorCode.GUEST_RUNNING, f"guest {name!r} is running; stop it first or pass force")
-        force_off(host, name, pid)
+        host.supervisor.force_off(name, paths, pid)
     store.remove_guest(name)
     if remove_disks:
         shutil.rmtree(paths.directory, ignore_errors=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from appliance.agent.errors import AgentError, ErrorCode
-from appliance.agent.guests import Host
+from appliance.agent.guests import Hypervisor
 from appliance.agent.model import check_name
 from appliance.agent.store import Store
 
@@ -24,7 +24,9 @@ SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 PARTIAL_PREFIX = ".partial-"
 
 
-def receive_image(host: Host, store: Store, name: str, size: int, sha256: str, stream: BinaryIO) -> dict[str, Any]:
+def receive_image(
+    host: Hypervisor, store: Store, name: str, size: int, sha256: str, stream: BinaryIO
+) -> dict[str, Any]:
     """Read exactly `size` bytes of image data from `stream` into the store as `name`."""
     host.images_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(host.images_dir)
@@ -69,7 +71,7 @@ def remove_stale_partials(images_dir: Path) -> None:
             partial.unlink(missing_ok=True)
 
 
-def delete_image(host: Host, store: Store, name: str) -> dict[str, Any]:
+def delete_image(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
     users = [spec.name for spec in store.guests() if name in spec.images_used()]
     if users:
         raise AgentError(ErrorCode.IMAGE_IN_USE, f"image {name!r} is used by guest(s) {', '.join(users)}")

@@ -13,11 +13,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from appliance.agent import __version__, guests, images
-from appliance.agent.accel import AccelChoice
 from appliance.agent.errors import AgentError, ErrorCode
 from appliance.agent.host import collect_report
 from appliance.agent.model import CPU_FIELDS, check_fields, check_int, check_name, parse_guest_spec
-from appliance.agent.policy import Policy
 from appliance.agent.protocol import (
     PROTOCOL_VERSION,
     error_message,
@@ -26,26 +24,15 @@ from appliance.agent.protocol import (
     result_message,
 )
 from appliance.agent.store import Store
-from appliance.agent.units import UserManager
 
 
 class ServerContext:
     """What one connection's requests share; the store opens on first use."""
 
-    def __init__(
-        self,
-        state_dir: Path,
-        build_info_path: Path,
-        accel: AccelChoice,
-        policy: Policy | None = None,
-        units: UserManager | None = None,
-        agent_command: tuple[str, ...] = (),
-    ) -> None:
-        self.state_dir = state_dir
+    def __init__(self, hypervisor: guests.Hypervisor, build_info_path: Path) -> None:
+        self.state_dir = hypervisor.state_dir
         self.build_info_path = build_info_path
-        self.host = guests.Host(
-            state_dir=state_dir, accel=accel, policy=policy or Policy(), units=units, agent_command=agent_command
-        )
+        self.host = hypervisor
         self._store: Store | None = None
         # The request stream, for methods whose request line is followed by raw data.
         self.requests: BinaryIO | None = None

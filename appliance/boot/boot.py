@@ -157,7 +157,7 @@ def boot(request: BootRequest, say: TextIO = sys.stdout) -> BootResult:
         if pxe_server:
             pxe_server.close()
         raise
-    say.write(f"QEMU pid {vm.process.pid}; console log {paths.serial_log}\n")
+    say.write(f"QEMU pid {vm.process.pid}; console log {paths.console_log}\n")
     example = '{"jsonrpc":"2.0","id":1,"method":"host.report"}'
     say.write(f"ask the node's agent: echo '{example}' | ssh -p {config.ssh_port} {user}@127.0.0.1\n")
     say.flush()
@@ -183,8 +183,8 @@ def follow_console(vm: RunningVm, say: TextIO) -> float:
     marker = READY_MARKER.encode()
     recent = b""
     while vm.process.poll() is None:
-        if vm.paths.serial_log.exists():
-            with vm.paths.serial_log.open("rb") as log:
+        if vm.paths.console_log.exists():
+            with vm.paths.console_log.open("rb") as log:
                 log.seek(position)
                 chunk = log.read()
             position += len(chunk)

@@ -6,9 +6,7 @@ probe guest really runs under it), and the runner says which and why.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -16,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.agent.accel import QEMU, AccelChoice
-from appliance.agent.processes import live_pid
-from appliance.agent.qmp import QMPClient, QMPError
+from appliance.agent.qemu import QemuFiles, base_argv, end_process, request_powerdown, running_pid, wait_gone
 from appliance.errors import ApplianceError
 from appliance.run import CommandError, run
 
@@ -28,15 +25,6 @@ class QemuError(ApplianceError):
     """QEMU could not be started, died, or the guest never became ready."""
 
 
-def request_powerdown(paths: VmPaths) -> bool:
-    try:
-        with QMPClient(paths.qmp_socket, timeout=10) as client:
-            client.execute("system_powerdown")
-    except QMPError:
-        return False
-    return True
-
-
 def free_local_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -45,45 +33,33 @@ def free_local_port() -> int:
 
 
 @dataclass(frozen=True)
-class VmPaths:
-    """Where a running appliance keeps its files: DIR/run/."""
+class VmPaths(QemuFiles):
+    """Where a running appliance keeps its files: DIR/run/ (QEMU's own, and the boot's)."""
 
-    run_dir: Path
-
-    @property
-    def pid_file(self) -> Path:
-        return self.run_dir / "qemu.pid"
-
-    @property
-    def serial_log(self) -> Path:
-        return self.run_dir / "serial.log"
+    console_name: str = "serial.log"
 
     @property
     def qemu_log(self) -> Path:
-        return self.run_dir / "qemu.log"
-
-    @property
-    def qmp_socket(self) -> Path:
-        return self.run_dir / "qmp.sock"
+        return self.directory / "qemu.log"
 
     @property
     def ssh_port_file(self) -> Path:
-        return self.run_dir / "ssh-port"
+        return self.directory / "ssh-port"
 
     @property
     def disk_overlay(self) -> Path:
         """The node's disk: copy-on-write over the built image, which stays pristine."""
-        return self.run_dir / "disk.qcow2"
+        return self.directory / "disk.qcow2"
 
     @property
     def extra_disk(self) -> Path:
         """A second disk, blank when made (boot --extra-disk): one a node may claim for its state."""
-        return self.run_dir / "extra-disk.qcow2"
+        return self.directory / "extra-disk.qcow2"
 
     @property
     def disk_build_id(self) -> Path:
         """Which build the overlay was made over (a rebuild replaces its backing file)."""
-        return self.run_dir / "disk.build-id"
+        return self.directory / "disk.build-id"
 
 
 @dataclass(frozen=True)
@@ -131,34 +107,15 @@ def find_ovmf() -> tuple[Path, Path]:
 
 def qemu_argv(config: BootConfig, paths: VmPaths) -> list[str]:
     argv = [
-        QEMU,
-        "-name",
-        "appliance",
-        "-machine",
-        f"q35,accel={config.accel.accel}",
-        "-cpu",
-        config.accel.cpu,
-        "-m",
-        str(config.memory_mb),
-        "-smp",
-        str(config.cpus),
-        "-nodefaults",
-        "-display",
-        "none",
-        "-serial",
-        f"file:{paths.serial_log}",
+        *base_argv("appliance", config.accel, config.memory_mb, config.cpus, paths),
         *media_argv(config),
         *network_argv(config),
         "-device",
         "virtio-rng-pci",
-        "-pidfile",
-        str(paths.pid_file),
-        "-qmp",
-        f"unix:{paths.qmp_socket},server=on,wait=off",
     ]
     if config.firmware == "uefi":
         code, variables = find_ovmf()
-        own_vars = paths.run_dir / "OVMF_VARS.fd"
+        own_vars = paths.directory / "OVMF_VARS.fd"
         shutil.copyfile(variables, own_vars)
         argv += [
             "-drive",
@@ -225,13 +182,13 @@ class RunningVm:
         deadline = self.started + timeout
         wanted = marker.encode()
         while time.monotonic() < deadline:
-            if self.paths.serial_log.exists() and wanted in self.paths.serial_log.read_bytes():
+            if self.paths.console_log.exists() and wanted in self.paths.console_log.read_bytes():
                 return time.monotonic() - self.started
             if self.process.poll() is not None:
                 raise QemuError(f"QEMU exited with code {self.process.returncode}: {self.qemu_log_tail()}")
             time.sleep(0.1)
         raise QemuError(
-            f"no {marker!r} on the serial console after {timeout:.0f}s (console log: {self.paths.serial_log})"
+            f"no {marker!r} on the serial console after {timeout:.0f}s (console log: {self.paths.console_log})"
         )
 
     def qemu_log_tail(self) -> str:
@@ -255,8 +212,8 @@ def start_vm(config: BootConfig, paths: VmPaths) -> RunningVm:
     """Start QEMU in its own session so it can outlive this process (boot --wait)."""
     if not config.media.is_file():
         raise QemuError(f"no {config.media_kind} at {config.media} (build one with `appliance build`)")
-    paths.run_dir.mkdir(parents=True, exist_ok=True)
-    paths.serial_log.unlink(missing_ok=True)
+    paths.directory.mkdir(parents=True, exist_ok=True)
+    paths.console_log.unlink(missing_ok=True)
     paths.ssh_port_file.write_text(f"{config.ssh_port}\n")
     argv = qemu_argv(config, paths)
     with paths.qemu_log.open("wb") as qemu_log:
@@ -271,8 +228,7 @@ def start_vm(config: BootConfig, paths: VmPaths) -> RunningVm:
 
 def recorded_vm(paths: VmPaths) -> int | None:
     """The pid of the QEMU running from DIR/run, if one is."""
-    # Only our QEMU: a stale pid file may name a process that reused the pid.
-    return live_pid(paths.pid_file, QEMU, str(paths.pid_file))
+    return running_pid(paths)
 
 
 def stop_recorded_vm(paths: VmPaths, shutdown_timeout: float = 0.0) -> bool:
@@ -286,31 +242,8 @@ def stop_recorded_vm(paths: VmPaths, shutdown_timeout: float = 0.0) -> bool:
     if pid is None:
         paths.pid_file.unlink(missing_ok=True)
         return False
-    if shutdown_timeout > 0 and request_powerdown(paths) and wait_gone(pid, shutdown_timeout):
-        paths.pid_file.unlink(missing_ok=True)
-        return True
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        paths.pid_file.unlink(missing_ok=True)
-        return False
-    # Wait for it to go: the next boot of the same disk needs QEMU's lock on it.
-    if not wait_gone(pid, STOP_SECONDS):
-        os.kill(pid, signal.SIGKILL)
-        wait_gone(pid, STOP_SECONDS)
+    if not (shutdown_timeout > 0 and request_powerdown(paths) and wait_gone(pid, shutdown_timeout)):
+        # Waited for: the next boot of the same disk needs QEMU's lock on it.
+        end_process(pid, STOP_SECONDS)
     paths.pid_file.unlink(missing_ok=True)
     return True
-
-
-def wait_gone(pid: int, timeout: float) -> bool:
-    """True once `pid` no longer runs QEMU (gone, a zombie, or the pid reused)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return True
-        if QEMU.encode() not in command_line:
-            return True
-        time.sleep(0.1)
-    return False

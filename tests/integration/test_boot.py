@@ -100,7 +100,7 @@ def test_a_build_without_a_disk_says_which_output_to_add(tmp_path: Path) -> None
 def test_a_second_boot_from_the_same_directory_is_refused(tmp_path: Path) -> None:
     write_build(tmp_path, "b1")
     paths = VmPaths(tmp_path / "run")
-    paths.run_dir.mkdir()
+    paths.directory.mkdir()
     # Stands in for the QEMU of an earlier `boot --wait`: its command line names QEMU and the pid file.
     stand_in = subprocess.Popen(
         ["bash", "-c", f'exec -a "qemu-system-x86_64 -pidfile {paths.pid_file}" sleep 60'], start_new_session=True

@@ -75,11 +75,11 @@ def test_qemu_argv_boots_the_iso_with_ssh_forwarded(tmp_path: Path) -> None:
 
 def test_uefi_boot_uses_a_private_copy_of_the_ovmf_variables(tmp_path: Path) -> None:
     paths = VmPaths(tmp_path / "run")
-    paths.run_dir.mkdir()
+    paths.directory.mkdir()
     config = BootConfig(media=tmp_path / "a.iso", accel=AccelChoice("tcg", "test"), ssh_port=2222, firmware="uefi")
     joined = " ".join(qemu_argv(config, paths))
     assert "if=pflash" in joined and "readonly=on" in joined
-    assert (paths.run_dir / "OVMF_VARS.fd").exists()
+    assert (paths.directory / "OVMF_VARS.fd").exists()
 
 
 def test_qemu_argv_boots_a_disk_from_virtio_first(tmp_path: Path) -> None:
