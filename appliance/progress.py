@@ -21,6 +21,8 @@ class Progress:
         self._step = ""
         self._started = 0.0
         self._detail_shown = False
+        # Every step that ended well, with its seconds, in order.
+        self.finished: list[tuple[str, float]] = []
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -33,7 +35,9 @@ class Progress:
             self._print(f"==> {name}: failed after {time.monotonic() - self._started:.0f}s")
             raise
         self._clear_detail()
-        self._print(f"==> {name}: done in {time.monotonic() - self._started:.1f}s")
+        seconds = time.monotonic() - self._started
+        self.finished.append((name, seconds))
+        self._print(f"==> {name}: done in {seconds:.1f}s")
 
     def detail(self, text: str) -> None:
         """Where a step is now (a DIB phase, a percentage); shown only on a terminal."""

@@ -64,3 +64,24 @@ class AgentError(Exception):
     @property
     def rpc_code(self) -> int:
         return RPC_CODES.get(self.code, APPLICATION_ERROR)
+
+
+# The errors many methods raise about one named guest or image, worded once.
+def guest_exists(name: str) -> AgentError:
+    return AgentError(ErrorCode.GUEST_EXISTS, f"a guest named {name!r} already exists")
+
+
+def guest_not_found(name: str) -> AgentError:
+    return AgentError(ErrorCode.GUEST_NOT_FOUND, f"no guest named {name!r}")
+
+
+def guest_not_running(name: str) -> AgentError:
+    return AgentError(ErrorCode.GUEST_NOT_RUNNING, f"guest {name!r} is not running")
+
+
+def image_exists(name: str) -> AgentError:
+    return AgentError(ErrorCode.IMAGE_EXISTS, f"an image named {name!r} already exists")
+
+
+def image_not_found(name: str) -> AgentError:
+    return AgentError(ErrorCode.IMAGE_NOT_FOUND, f"no image named {name!r} in the image store")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.agent.accel import AccelChoice
-from appliance.agent.errors import AgentError, ErrorCode
+from appliance.agent.errors import AgentError, ErrorCode, guest_exists, guest_not_running, image_not_found
 from appliance.agent.host import read_meminfo
 from appliance.agent.model import GuestSpec, check_name, parse_cpu_limits
 from appliance.agent.policy import Capacity, Policy, check_create, check_start
@@ -62,7 +62,7 @@ class Hypervisor:
     def image(self, name: str) -> Path:
         path = self.images_dir / check_name(name)
         if not path.is_file():
-            raise AgentError(ErrorCode.IMAGE_NOT_FOUND, f"no image named {name!r} in the image store")
+            raise image_not_found(name)
         return path
 
 
@@ -101,7 +101,7 @@ def create_guest(host: Hypervisor, store: Store, spec: GuestSpec) -> dict[str, A
     try:
         paths.directory.mkdir(parents=True)
     except FileExistsError as error:
-        raise AgentError(ErrorCode.GUEST_EXISTS, f"a guest named {spec.name!r} already exists") from error
+        raise guest_exists(spec.name) from error
     marker = paths.directory / f"{CREATING_PREFIX}{os.getpid()}"
     marker.touch()
     try:
@@ -175,7 +175,7 @@ def qmp(host: Hypervisor, name: str) -> Iterator[QMPClient]:
     """A connected QMP session with a running guest; QMP failures become agent errors."""
     paths = host.paths(name)
     if running_pid(paths) is None:
-        raise AgentError(ErrorCode.GUEST_NOT_RUNNING, f"guest {name!r} is not running")
+        raise guest_not_running(name)
     try:
         with QMPClient(paths.qmp_socket) as client:
             yield client
@@ -197,7 +197,7 @@ def stop_guest(host: Hypervisor, store: Store, name: str, timeout: float) -> dic
     paths = host.paths(name)
     pid = running_pid(paths)
     if pid is None:
-        raise AgentError(ErrorCode.GUEST_NOT_RUNNING, f"guest {name!r} is not running")
+        raise guest_not_running(name)
     return {"name": name, "forced": host.supervisor.stop(name, paths, pid, timeout)}
 
 
@@ -253,7 +253,7 @@ def kill_guest(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
     store.guest(name)
     pid = running_pid(host.paths(name))
     if pid is None:
-        raise AgentError(ErrorCode.GUEST_NOT_RUNNING, f"guest {name!r} is not running")
+        raise guest_not_running(name)
     host.supervisor.force_off(name, host.paths(name), pid)
     return {"name": name, "killed": True}
 

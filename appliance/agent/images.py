@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from appliance.agent.errors import AgentError, ErrorCode
+from appliance.agent.errors import AgentError, ErrorCode, image_exists
 from appliance.agent.guests import Hypervisor
 from appliance.agent.model import check_name
 from appliance.agent.store import Store
@@ -50,14 +50,14 @@ def receive_image(
         if digest.hexdigest() != sha256:
             raise AgentError(ErrorCode.CHECKSUM_MISMATCH, f"sha256 of the upload is {digest.hexdigest()}, not {sha256}")
         if target.exists():
-            raise AgentError(ErrorCode.IMAGE_EXISTS, f"an image named {name!r} already exists")
+            raise image_exists(name)
         store.add_image(name, size, sha256)
         try:
             # link, not rename: it fails instead of replacing an image that appeared meanwhile.
             os.link(partial, target)
         except FileExistsError as error:
             store.remove_image(name)
-            raise AgentError(ErrorCode.IMAGE_EXISTS, f"an image named {name!r} already exists") from error
+            raise image_exists(name) from error
     finally:
         partial.unlink(missing_ok=True)
     return {"name": name, "size_bytes": size, "sha256": sha256}

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from appliance.agent.errors import AgentError, ErrorCode
+from appliance.agent.errors import guest_exists, guest_not_found, image_exists, image_not_found
 from appliance.agent.model import GuestSpec, guest_spec_from_json
 
 SCHEMA = """
@@ -63,7 +63,7 @@ class Store:
                     (spec.name, json.dumps(spec.to_json()), time.time()),
                 )
         except sqlite3.IntegrityError as error:
-            raise AgentError(ErrorCode.GUEST_EXISTS, f"a guest named {spec.name!r} already exists") from error
+            raise guest_exists(spec.name) from error
 
     def replace_guest(self, spec: GuestSpec) -> None:
         with self.transaction() as db:
@@ -73,12 +73,12 @@ class Store:
                 ).rowcount
                 == 0
             ):
-                raise AgentError(ErrorCode.GUEST_NOT_FOUND, f"no guest named {spec.name!r}")
+                raise guest_not_found(spec.name)
 
     def guest(self, name: str) -> GuestSpec:
         row = self.db.execute("SELECT definition FROM guests WHERE name = ?", (name,)).fetchone()
         if row is None:
-            raise AgentError(ErrorCode.GUEST_NOT_FOUND, f"no guest named {name!r}")
+            raise guest_not_found(name)
         return guest_spec_from_json(json.loads(row[0]))
 
     def guests(self) -> list[GuestSpec]:
@@ -88,7 +88,7 @@ class Store:
     def remove_guest(self, name: str) -> None:
         with self.transaction() as db:
             if db.execute("DELETE FROM guests WHERE name = ?", (name,)).rowcount == 0:
-                raise AgentError(ErrorCode.GUEST_NOT_FOUND, f"no guest named {name!r}")
+                raise guest_not_found(name)
 
     def add_image(self, name: str, size_bytes: int, sha256: str) -> None:
         try:
@@ -98,7 +98,7 @@ class Store:
                     (name, size_bytes, sha256, time.time()),
                 )
         except sqlite3.IntegrityError as error:
-            raise AgentError(ErrorCode.IMAGE_EXISTS, f"an image named {name!r} already exists") from error
+            raise image_exists(name) from error
 
     def images(self) -> list[dict[str, object]]:
         rows = self.db.execute("SELECT name, size_bytes, sha256, created FROM images ORDER BY name").fetchall()
@@ -107,4 +107,4 @@ class Store:
     def remove_image(self, name: str) -> None:
         with self.transaction() as db:
             if db.execute("DELETE FROM images WHERE name = ?", (name,)).rowcount == 0:
-                raise AgentError(ErrorCode.IMAGE_NOT_FOUND, f"no image named {name!r}")
+                raise image_not_found(name)

@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -24,6 +24,7 @@ from appliance.boot.vm import VmPaths, stop_recorded_vm
 from appliance.errors import ApplianceError
 from appliance.manifest import ArtifactKind, Manifest
 from appliance.nodes.client import Node, NodeAddress
+from appliance.progress import Progress
 
 GUEST = "selftest"
 IMAGE = "selftest-marker"
@@ -46,28 +47,26 @@ class SelftestOptions:
     guest_timeout: float
 
 
-@dataclass
+@dataclass(frozen=True)
 class Report:
-    """The steps done so far, each with its seconds; printed as they finish."""
+    """The selftest's steps, printed (with their seconds) by Progress; a failure inside a step
+    becomes a SelftestError that names it."""
 
-    say: TextIO
-    steps: list[tuple[str, float]] = field(default_factory=list)
+    progress: Progress
+
+    @property
+    def steps(self) -> list[tuple[str, float]]:
+        return self.progress.finished
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
-        self.say.write(f"- {name} ...\n")
-        self.say.flush()
-        started = time.monotonic()
         try:
-            yield
+            with self.progress.step(name):
+                yield
         except SelftestError:
             raise
         except Exception as error:
             raise SelftestError(f"{name}: {error}") from error
-        seconds = time.monotonic() - started
-        self.steps.append((name, seconds))
-        self.say.write(f"  ok ({seconds:.1f}s)\n")
-        self.say.flush()
 
 
 def choose_media(options: SelftestOptions) -> str:
@@ -123,7 +122,7 @@ def check_data_partition(host: dict[str, Any]) -> None:
 
 
 def selftest(options: SelftestOptions, say: TextIO) -> Report:
-    report = Report(say)
+    report = Report(Progress(say, interactive=False))
     media = choose_media(options)
     paths = VmPaths(options.out_dir / "run")
     # A fresh known_hosts per run: the node's key is checked across its reboot, not against older builds.
