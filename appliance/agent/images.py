@@ -20,7 +20,7 @@ from appliance.agent.store import Store
 
 CHUNK = 1 << 20
 MAX_IMAGE_BYTES = 1 << 40
-SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 PARTIAL_PREFIX = ".partial-"
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from appliance.agent.errors import AgentError, ErrorCode
 
 # Names become file and unit names: no separators, no dots-only, bounded.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 MAX_VCPUS = 256
 MAX_MEMORY_MIB = 4 * 1024 * 1024
 MAX_DISK_GIB = 64 * 1024
@@ -70,7 +70,7 @@ def invalid(message: str, field: str) -> AgentError:
 
 
 def check_name(value: object, field: str = "name") -> str:
-    if not isinstance(value, str) or not NAME_PATTERN.match(value) or set(value) <= {"."}:
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value) or set(value) <= {"."}:
         raise invalid(
             f"{field} must be 1-63 characters of letters, digits, '_', '.', '-', starting with a letter or digit",
             field,

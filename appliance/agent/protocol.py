@@ -15,6 +15,8 @@ from appliance.agent.errors import AgentError, ErrorCode
 
 PROTOCOL_VERSION = 1
 MAX_LINE_BYTES = 1 << 20
+# The one method whose request line is followed by raw data (size_bytes of it).
+UPLOAD_METHOD = "image.import"
 
 
 @dataclass(frozen=True)
@@ -42,11 +44,39 @@ def read_line(stream: BinaryIO) -> bytes | None:
     return line.rstrip(b"\r\n")
 
 
-def parse_request(line: bytes) -> Request:
+def decode_json(line: bytes) -> Any:
+    """The JSON value of a line; parse_error for anything else, too deep nesting included."""
     try:
-        message = json.loads(line)
+        return json.loads(line)
     except (ValueError, UnicodeDecodeError) as error:
         raise AgentError(ErrorCode.PARSE_ERROR, f"not valid JSON: {error}") from error
+    except RecursionError as error:
+        raise AgentError(ErrorCode.PARSE_ERROR, "not valid JSON: nested too deeply") from error
+
+
+def announced_upload(line: bytes) -> tuple[bool, int | None]:
+    """Whether a request line announces raw data after it (image.import), and how many bytes.
+
+    Asked of lines the request parser refused: their data must be skipped
+    (size known) or the connection ended (size unknown), never read as
+    requests. A line that does not parse but names the method counts as an
+    upload of unknown size.
+    """
+    try:
+        message = decode_json(line)
+    except AgentError:
+        return UPLOAD_METHOD.encode() in line, None
+    if not isinstance(message, dict) or message.get("method") != UPLOAD_METHOD:
+        return UPLOAD_METHOD.encode() in line, None
+    params = message.get("params")
+    size = params.get("size_bytes") if isinstance(params, dict) else None
+    if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+        return True, size
+    return True, None
+
+
+def parse_request(line: bytes) -> Request:
+    message = decode_json(line)
     if not isinstance(message, dict):
         raise AgentError(ErrorCode.INVALID_REQUEST, "a request must be a JSON object")
     request_id = message.get("id")

@@ -18,6 +18,7 @@ from appliance.agent.host import collect_report
 from appliance.agent.model import CPU_FIELDS, check_fields, check_int, check_name, parse_guest_spec
 from appliance.agent.protocol import (
     PROTOCOL_VERSION,
+    announced_upload,
     error_message,
     parse_request,
     read_line,
@@ -143,7 +144,7 @@ def image_import(context: ServerContext, params: dict[str, Any]) -> Any:
         check_fields(params, {"name", "size_bytes", "sha256"}, "params")
         name = check_name(params.get("name"))
         sha256 = params.get("sha256")
-        if not isinstance(sha256, str) or not images.SHA256_PATTERN.match(sha256):
+        if not isinstance(sha256, str) or not images.SHA256_PATTERN.fullmatch(sha256):
             raise AgentError(ErrorCode.INVALID_PARAMS, "sha256 must be 64 lower-case hex digits")
     except AgentError:
         skip_bytes(context.requests, size)
@@ -192,10 +193,12 @@ METHODS: dict[str, Method] = {
 
 def handle_line(context: ServerContext, line: bytes) -> tuple[bytes, bool]:
     """The reply to one request line, and whether the connection must end after it."""
-    request_id: int | str | None = None
     try:
         request = parse_request(line)
-        request_id = request.id
+    except AgentError as error:
+        return error_message(error.details.get("id"), error), refuse_upload(context, line)
+    request_id = request.id
+    try:
         method = METHODS.get(request.method)
         if method is None:
             raise AgentError(ErrorCode.METHOD_NOT_FOUND, f"unknown method {request.method!r}")
@@ -209,6 +212,18 @@ def handle_line(context: ServerContext, line: bytes) -> tuple[bytes, bool]:
         traceback.print_exc(file=sys.stderr)
         failure = AgentError(ErrorCode.INTERNAL_ERROR, f"{type(error).__name__}: {error}")
         return error_message(request_id, failure), False
+
+
+def refuse_upload(context: ServerContext, line: bytes) -> bool:
+    """After a refused request line: skip the raw data it announced, if any; True when the
+    connection must end because how much data follows cannot be known."""
+    is_upload, size = announced_upload(line)
+    if not is_upload:
+        return False
+    if size is None or context.requests is None or size > images.MAX_IMAGE_BYTES:
+        return True
+    skip_bytes(context.requests, size)
+    return False
 
 
 def serve(context: ServerContext, requests: BinaryIO, replies: BinaryIO) -> None:
