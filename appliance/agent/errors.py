@@ -24,6 +24,7 @@ class ErrorCode(StrEnum):
     GUEST_NOT_FOUND = "guest_not_found"
     GUEST_RUNNING = "guest_running"
     GUEST_NOT_RUNNING = "guest_not_running"
+    GUEST_BUSY = "guest_busy"
     # The image store.
     IMAGE_EXISTS = "image_exists"
     IMAGE_NOT_FOUND = "image_not_found"

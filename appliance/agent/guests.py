@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from appliance.agent.accel import AccelChoice
+from appliance.agent.crashpoints import crash_point
 from appliance.agent.errors import AgentError, ErrorCode, guest_exists, guest_not_running, image_not_found
 from appliance.agent.host import read_meminfo
+from appliance.agent.locks import LockTimeout, held
 from appliance.agent.model import GuestSpec, check_name, parse_cpu_limits
 from appliance.agent.policy import Capacity, Policy, check_create, check_start
-from appliance.agent.qemu import base_argv, request_powerdown, running_pid, wait_gone
+from appliance.agent.qemu import base_argv, qmp_session, request_powerdown, running_pid, wait_gone
 from appliance.agent.qmp import QMPClient, QMPError
 from appliance.agent.store import Store
 from appliance.agent.supervisors import GuestFiles, ProcessSupervisor, Supervisor
@@ -53,6 +55,11 @@ class Hypervisor:
         return self.state_dir / "guests"
 
     @property
+    def kept_disks_dir(self) -> Path:
+        """Where a deleted guest's disks go, unless the delete asked to remove them."""
+        return self.state_dir / "kept-disks"
+
+    @property
     def images_dir(self) -> Path:
         return self.state_dir / "images"
 
@@ -71,57 +78,63 @@ def image_format(path: Path) -> str:
     return str(json.loads(run_tool([QEMU_IMG, "info", "--output=json", str(path)]))["format"])
 
 
+# A guest is made in guests/.creating-PID-NAME and renamed to guests/NAME once its row is
+# committed; a deleted one is moved to .deleting-PID-NAME (or kept-disks/) before its row
+# goes. Whatever prefix of either an agent killed half way leaves, repair.py finishes or
+# undoes it at the next agent's start.
 CREATING_PREFIX = ".creating-"
+DELETING_PREFIX = ".deleting-"
+# How long an operation on a guest waits for another one on the same guest (a stop may take a minute).
+OPERATION_WAIT = 120.0
 
 
-def repair_interrupted_creates(host: Hypervisor, store: Store) -> None:
-    """Finish what an agent that died inside create_guest left behind.
+@contextmanager
+def operation(host: Hypervisor, name: str) -> Iterator[None]:
+    """One change to a guest at a time, across every agent process on the node."""
+    try:
+        with held(host.state_dir / "locks" / f"guest-{check_name(name)}.lock", OPERATION_WAIT):
+            yield
+    except LockTimeout as error:
+        raise AgentError(ErrorCode.GUEST_BUSY, f"guest {name!r} is busy with another operation: {error}") from error
 
-    A create marks the guest directory with .creating-PID until its row is
-    committed. A marker whose agent is gone means: row committed, drop the
-    marker; no row, the directory is a half-made guest, remove it.
-    """
-    if not host.guests_dir.is_dir():
-        return
-    defined = {spec.name for spec in store.guests()}
-    for marker in host.guests_dir.glob(f"*/{CREATING_PREFIX}*"):
-        pid = marker.name.removeprefix(CREATING_PREFIX)
-        if pid.isdigit() and Path(f"/proc/{pid}").exists():
-            continue
-        if marker.parent.name in defined:
-            marker.unlink(missing_ok=True)
-        else:
-            shutil.rmtree(marker.parent, ignore_errors=True)
+
+def work_dir(host: Hypervisor, prefix: str, name: str) -> Path:
+    return host.guests_dir / f"{prefix}{os.getpid()}-{name}"
 
 
 def create_guest(host: Hypervisor, store: Store, spec: GuestSpec) -> dict[str, Any]:
-    """Disks first, then the row; any failure removes what was made."""
+    """Disks in a private directory, then the row, then the directory under the guest's name."""
     check_create(host.policy, host.capacity(), store.guests(), spec)
-    paths = host.paths(spec.name)
-    try:
-        paths.directory.mkdir(parents=True)
-    except FileExistsError as error:
-        raise guest_exists(spec.name) from error
-    marker = paths.directory / f"{CREATING_PREFIX}{os.getpid()}"
-    marker.touch()
-    try:
-        for index, disk in enumerate(spec.disks):
-            if disk.base_image:
-                base = host.image(disk.base_image)
-                run_tool([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", image_format(base),
-                          "-b", str(base), str(paths.disk(index))])  # fmt: skip
-            else:
-                run_tool([QEMU_IMG, "create", "-q", "-f", "qcow2", str(paths.disk(index)), f"{disk.size_gib}G"])
-        if spec.kernel_boot:
-            host.image(spec.kernel_boot.kernel_image)
-            if spec.kernel_boot.initrd_image:
-                host.image(spec.kernel_boot.initrd_image)
-        store.add_guest(spec)
-    except BaseException:
-        shutil.rmtree(paths.directory, ignore_errors=True)
-        raise
-    marker.unlink()
+    with operation(host, spec.name):
+        paths = host.paths(spec.name)
+        if store.has_guest(spec.name) or paths.directory.exists():
+            raise guest_exists(spec.name)
+        making = GuestFiles(work_dir(host, CREATING_PREFIX, spec.name))
+        making.directory.mkdir(parents=True)
+        try:
+            make_disks(host, spec, making)
+            crash_point("guest-create:disks")
+            store.add_guest(spec)
+        except BaseException:
+            shutil.rmtree(making.directory, ignore_errors=True)
+            raise
+        crash_point("guest-create:row")
+        making.directory.rename(paths.directory)
     return spec.to_json()
+
+
+def make_disks(host: Hypervisor, spec: GuestSpec, files: GuestFiles) -> None:
+    for index, disk in enumerate(spec.disks):
+        if disk.base_image:
+            base = host.image(disk.base_image)
+            run_tool([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", image_format(base),
+                      "-b", str(base), str(files.disk(index))])  # fmt: skip
+        else:
+            run_tool([QEMU_IMG, "create", "-q", "-f", "qcow2", str(files.disk(index)), f"{disk.size_gib}G"])
+    if spec.kernel_boot:
+        host.image(spec.kernel_boot.kernel_image)
+        if spec.kernel_boot.initrd_image:
+            host.image(spec.kernel_boot.initrd_image)
 
 
 def qemu_argv(host: Hypervisor, spec: GuestSpec, paths: GuestFiles) -> list[str]:
@@ -144,6 +157,11 @@ def qemu_argv(host: Hypervisor, spec: GuestSpec, paths: GuestFiles) -> list[str]
 
 
 def start_guest(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
+    with operation(host, name):
+        return start_locked(host, store, name)
+
+
+def start_locked(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
     spec = store.guest(name)
     paths = host.paths(name)
     if running_pid(paths) is not None:
@@ -177,7 +195,7 @@ def qmp(host: Hypervisor, name: str) -> Iterator[QMPClient]:
     if running_pid(paths) is None:
         raise guest_not_running(name)
     try:
-        with QMPClient(paths.qmp_socket) as client:
+        with qmp_session(paths) as client:
             yield client
     except QMPError as error:
         raise AgentError(ErrorCode.QMP_FAILED, f"guest {name!r}: {error}") from error
@@ -186,7 +204,7 @@ def qmp(host: Hypervisor, name: str) -> Iterator[QMPClient]:
 def guest_command(host: Hypervisor, store: Store, name: str, command: str) -> dict[str, Any]:
     """pause (stop), resume (cont) and reboot (system_reset) through QMP."""
     store.guest(name)
-    with qmp(host, name) as client:
+    with operation(host, name), qmp(host, name) as client:
         client.execute(command)
     return guest_info(host, store, name)
 
@@ -195,10 +213,11 @@ def stop_guest(host: Hypervisor, store: Store, name: str, timeout: float) -> dic
     """ACPI power-down, then force after `timeout` seconds."""
     store.guest(name)
     paths = host.paths(name)
-    pid = running_pid(paths)
-    if pid is None:
-        raise guest_not_running(name)
-    return {"name": name, "forced": host.supervisor.stop(name, paths, pid, timeout)}
+    with operation(host, name):
+        pid = running_pid(paths)
+        if pid is None:
+            raise guest_not_running(name)
+        return {"name": name, "forced": host.supervisor.stop(name, paths, pid, timeout)}
 
 
 def powerdown_guest(host: Hypervisor, name: str) -> str:
@@ -226,6 +245,11 @@ def powerdown_guest(host: Hypervisor, name: str) -> str:
 
 def set_cpu(host: Hypervisor, store: Store, name: str, params: dict[str, Any]) -> dict[str, Any]:
     """Change a guest's CPU weight and quota: kept in its definition, applied live to its unit."""
+    with operation(host, name):
+        return set_cpu_locked(host, store, name, params)
+
+
+def set_cpu_locked(host: Hypervisor, store: Store, name: str, params: dict[str, Any]) -> dict[str, Any]:
     spec = store.guest(name)
     weight, quota = parse_cpu_limits(params, spec.vcpus, spec.cpu_weight, spec.cpu_quota_percent)
     running = running_pid(host.paths(name)) is not None
@@ -243,7 +267,7 @@ def set_memory(host: Hypervisor, store: Store, name: str, memory_mib: int) -> di
         raise AgentError(
             ErrorCode.INVALID_PARAMS, f"{memory_mib} MiB is more than the guest's defined {spec.memory_mib} MiB"
         )
-    with qmp(host, name) as client:
+    with operation(host, name), qmp(host, name) as client:
         client.execute("balloon", {"value": memory_mib * 1024 * 1024})
         actual = client.execute("query-balloon")["actual"]
     return {"name": name, "target_mib": memory_mib, "actual_mib": actual // (1024 * 1024)}
@@ -251,10 +275,11 @@ def set_memory(host: Hypervisor, store: Store, name: str, memory_mib: int) -> di
 
 def kill_guest(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
     store.guest(name)
-    pid = running_pid(host.paths(name))
-    if pid is None:
-        raise guest_not_running(name)
-    host.supervisor.force_off(name, host.paths(name), pid)
+    with operation(host, name):
+        pid = running_pid(host.paths(name))
+        if pid is None:
+            raise guest_not_running(name)
+        host.supervisor.force_off(name, host.paths(name), pid)
     return {"name": name, "killed": True}
 
 
@@ -264,7 +289,7 @@ def guest_state(host: Hypervisor, name: str) -> tuple[str, int | None]:
     if pid is None:
         return "stopped", None
     try:
-        with QMPClient(paths.qmp_socket, timeout=5) as client:
+        with qmp_session(paths, timeout=5) as client:
             status = client.execute("query-status")["status"]
     except QMPError:
         return "unknown", pid
@@ -292,7 +317,7 @@ def guest_info(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
 def balloon_actual_mib(paths: GuestFiles) -> int | None:
     """What the guest holds now after its balloon (None when QMP does not say)."""
     try:
-        with QMPClient(paths.qmp_socket, timeout=5) as client:
+        with qmp_session(paths, timeout=5) as client:
             return int(client.execute("query-balloon")["actual"]) // (1024 * 1024)
     except QMPError:
         return None
@@ -348,20 +373,25 @@ def console_tail(host: Hypervisor, store: Store, name: str, max_bytes: int) -> d
 
 
 def delete_guest(host: Hypervisor, store: Store, name: str, force: bool, remove_disks: bool) -> dict[str, Any]:
+    """The directory moves away first (to kept-disks/, or aside to be removed), then the row goes."""
     store.guest(name)
     paths = host.paths(name)
-    pid = running_pid(paths)
-    if pid is not None:
-        if not force:
-            raise AgentError(ErrorCode.GUEST_RUNNING, f"guest {name!r} is running; stop it first or pass force")
-        host.supervisor.force_off(name, paths, pid)
-    store.remove_guest(name)
+    with operation(host, name):
+        pid = running_pid(paths)
+        if pid is not None:
+            if not force:
+                raise AgentError(ErrorCode.GUEST_RUNNING, f"guest {name!r} is running; stop it first or pass force")
+            host.supervisor.force_off(name, paths, pid)
+        # Kept disks move aside so the name is free again and nothing is lost.
+        kept = host.kept_disks_dir / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}"
+        moved_to = work_dir(host, DELETING_PREFIX, name) if remove_disks else kept
+        moved_to.parent.mkdir(parents=True, exist_ok=True)
+        if paths.directory.exists():
+            paths.directory.rename(moved_to)
+        crash_point("guest-delete:moved")
+        store.remove_guest(name, missing_ok=True)
+        crash_point("guest-delete:row")
     if remove_disks:
-        shutil.rmtree(paths.directory, ignore_errors=True)
+        shutil.rmtree(moved_to, ignore_errors=True)
         return {"name": name, "deleted": True, "disks_kept_in": None}
-    # Kept disks move aside so the name is free again and nothing is lost.
-    kept = host.state_dir / "kept-disks" / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}"
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    if paths.directory.exists():
-        paths.directory.rename(kept)
     return {"name": name, "deleted": True, "disks_kept_in": str(kept)}

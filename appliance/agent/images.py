@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from pathlib import Path
 from typing import Any, BinaryIO
 
-from appliance.agent.errors import AgentError, ErrorCode, image_exists
+from appliance.agent.crashpoints import crash_point
+from appliance.agent.errors import AgentError, ErrorCode, image_exists, image_not_found
 from appliance.agent.guests import Hypervisor
 from appliance.agent.model import check_name
 from appliance.agent.store import Store
@@ -29,7 +29,6 @@ def receive_image(
 ) -> dict[str, Any]:
     """Read exactly `size` bytes of image data from `stream` into the store as `name`."""
     host.images_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(host.images_dir)
     target = host.images_dir / check_name(name)
     partial = host.images_dir / f"{PARTIAL_PREFIX}{os.getpid()}-{name}"
     digest = hashlib.sha256()
@@ -51,30 +50,29 @@ def receive_image(
             raise AgentError(ErrorCode.CHECKSUM_MISMATCH, f"sha256 of the upload is {digest.hexdigest()}, not {sha256}")
         if target.exists():
             raise image_exists(name)
+        # The row first: a file in the store always has its row (repair.py relies on it).
         store.add_image(name, size, sha256)
+        crash_point("image-import:row")
         try:
             # link, not rename: it fails instead of replacing an image that appeared meanwhile.
             os.link(partial, target)
         except FileExistsError as error:
             store.remove_image(name)
             raise image_exists(name) from error
+        crash_point("image-import:linked")
     finally:
         partial.unlink(missing_ok=True)
     return {"name": name, "size_bytes": size, "sha256": sha256}
-
-
-def remove_stale_partials(images_dir: Path) -> None:
-    """Partial uploads of agents that died mid-upload (their pid is gone)."""
-    for partial in images_dir.glob(f"{PARTIAL_PREFIX}*"):
-        pid = partial.name[len(PARTIAL_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            partial.unlink(missing_ok=True)
 
 
 def delete_image(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
     users = [spec.name for spec in store.guests() if name in spec.images_used()]
     if users:
         raise AgentError(ErrorCode.IMAGE_IN_USE, f"image {name!r} is used by guest(s) {', '.join(users)}")
-    store.remove_image(name)
+    if name not in {image["name"] for image in store.images()}:
+        raise image_not_found(name)
+    # The file first, then the row: a file in the store always has its row.
     (host.images_dir / check_name(name)).unlink(missing_ok=True)
+    crash_point("image-delete:unlinked")
+    store.remove_image(name, missing_ok=True)
     return {"name": name, "deleted": True}

@@ -11,14 +11,19 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.agent.accel import QEMU, AccelChoice
+from appliance.agent.locks import LockTimeout, held
 from appliance.agent.processes import live_pid
-from appliance.agent.qmp import QMPClient, QMPError
+from appliance.agent.qmp import ConnectError, QMPClient, QMPError
 
 POLL_SECONDS = 0.05
+# How long a QMP user waits for the one before it (a command takes milliseconds).
+MONITOR_WAIT = 30.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,11 @@ class QemuFiles:
     def console_log(self) -> Path:
         """The serial console, written by QEMU to a file."""
         return self.directory / self.console_name
+
+    @property
+    def monitor_lock(self) -> Path:
+        """Held by whoever talks on the QMP socket, which takes one client at a time."""
+        return self.directory / "qmp.lock"
 
 
 def base_argv(name: str, accel: AccelChoice, memory_mib: int, cpus: int, files: QemuFiles) -> list[str]:
@@ -77,10 +87,25 @@ def wait_gone(pid: int, timeout: float) -> bool:
         time.sleep(POLL_SECONDS)
 
 
+@contextmanager
+def qmp_session(files: QemuFiles, timeout: float = 10.0) -> Iterator[QMPClient]:
+    """A connected QMP client, once no other process is talking to this QEMU's monitor.
+
+    QEMU's QMP socket serves one client at a time and refuses (EAGAIN) the
+    others: every agent process (one per SSH connection) and every unit's
+    ExecStop queue on the monitor lock instead, waiting at most MONITOR_WAIT.
+    """
+    try:
+        with held(files.monitor_lock, MONITOR_WAIT), QMPClient(files.qmp_socket, timeout=timeout) as client:
+            yield client
+    except LockTimeout as error:
+        raise ConnectError(f"the monitor of {files.directory.name} is busy: {error}") from error
+
+
 def request_powerdown(files: QemuFiles, timeout: float = 10.0) -> bool:
     """Press the ACPI power button through QMP; False when QEMU does not answer."""
     try:
-        with QMPClient(files.qmp_socket, timeout=timeout) as client:
+        with qmp_session(files, timeout) as client:
             client.execute("system_powerdown")
     except QMPError:
         return False

@@ -24,6 +24,7 @@ from appliance.agent.protocol import (
     read_line,
     result_message,
 )
+from appliance.agent.repair import repair
 from appliance.agent.store import Store
 
 
@@ -42,7 +43,7 @@ class ServerContext:
     def store(self) -> Store:
         if self._store is None:
             self._store = Store(self.state_dir)
-            guests.repair_interrupted_creates(self.host, self._store)
+            repair(self.host, self._store)
         return self._store
 
 

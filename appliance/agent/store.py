@@ -85,10 +85,13 @@ class Store:
         rows = self.db.execute("SELECT definition FROM guests ORDER BY name").fetchall()
         return [guest_spec_from_json(json.loads(row[0])) for row in rows]
 
-    def remove_guest(self, name: str) -> None:
+    def remove_guest(self, name: str, missing_ok: bool = False) -> None:
         with self.transaction() as db:
-            if db.execute("DELETE FROM guests WHERE name = ?", (name,)).rowcount == 0:
+            if db.execute("DELETE FROM guests WHERE name = ?", (name,)).rowcount == 0 and not missing_ok:
                 raise guest_not_found(name)
+
+    def has_guest(self, name: str) -> bool:
+        return self.db.execute("SELECT 1 FROM guests WHERE name = ?", (name,)).fetchone() is not None
 
     def add_image(self, name: str, size_bytes: int, sha256: str) -> None:
         try:
@@ -104,7 +107,7 @@ class Store:
         rows = self.db.execute("SELECT name, size_bytes, sha256, created FROM images ORDER BY name").fetchall()
         return [{"name": row[0], "size_bytes": row[1], "sha256": row[2], "created": row[3]} for row in rows]
 
-    def remove_image(self, name: str) -> None:
+    def remove_image(self, name: str, missing_ok: bool = False) -> None:
         with self.transaction() as db:
-            if db.execute("DELETE FROM images WHERE name = ?", (name,)).rowcount == 0:
+            if db.execute("DELETE FROM images WHERE name = ?", (name,)).rowcount == 0 and not missing_ok:
                 raise image_not_found(name)
