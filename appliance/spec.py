@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from appliance.agent.policy import Policy
+from appliance.agent.policy import LIMITS, Policy, read_policy
 from appliance.errors import UsageError
 
 RELEASES = ("trixie", "bookworm", "forky")
@@ -392,30 +392,13 @@ class _Reader:
             )
         )
 
-    def number(self, table: dict[str, Any], key: str, default: float, low: float, high: float, whole: bool) -> float:
-        value = table.get(key, default)
-        allowed = f"a {'whole number' if whole else 'number'} from {low:g} to {high:g}"
-        if isinstance(value, bool) or not isinstance(value, int | float) or (whole and not isinstance(value, int)):
-            self.problem(f"policy.{key}", value, allowed)
-            return default
-        if not low <= value <= high:
-            self.problem(f"policy.{key}", value, allowed)
-            return default
-        return value
-
     def policy(self, table: dict[str, Any]) -> Policy:
-        defaults = Policy()
-        self.unknown_keys(
-            table, "policy.", ("reserved_memory_mib", "memory_overcommit", "cpu_overcommit", "max_guests")
-        )
-        return Policy(
-            reserved_memory_mib=int(
-                self.number(table, "reserved_memory_mib", defaults.reserved_memory_mib, 0, 1 << 22, True)
-            ),
-            memory_overcommit=self.number(table, "memory_overcommit", defaults.memory_overcommit, 0.1, 10, False),
-            cpu_overcommit=self.number(table, "cpu_overcommit", defaults.cpu_overcommit, 0.1, 64, False),
-            max_guests=int(self.number(table, "max_guests", defaults.max_guests, 1, 4096, True)),
-        )
+        # Declared in the agent's policy module: the agent reads its agent.toml by the same rules.
+        self.unknown_keys(table, "policy.", tuple(limit.key for limit in LIMITS))
+        policy, refusals = read_policy(table)
+        for refusal in refusals:
+            self.problem(f"policy.{refusal.key}", refusal.value, refusal.allowed)
+        return policy
 
 
 def check_public_key(line: object) -> str:
