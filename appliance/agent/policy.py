@@ -42,7 +42,7 @@ class Limit:
         return value if self.whole else float(value)
 
 
-# The [policy] table of appliance.toml, in the order its keys are read.
+# The [policy] keys (of appliance.toml, and of the agent.toml rendered from it) in the order they are read.
 LIMITS = (
     Limit("reserved_memory_mib", 1024, 0, 1 << 22, whole=True),
     Limit("memory_overcommit", 1.0, 0.1, 10, whole=False),
