@@ -6,9 +6,11 @@ OUT      ?= out
 PYTHON   ?= python3
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BIN      := $(VENV)/bin
+# `file` is for dib-lint (make lint), which tells Python scripts by it.
 APT_PACKAGES := python3-venv qemu-system-x86 qemu-utils debootstrap squashfs-tools xorriso mtools \
 	dosfstools fdisk gdisk grub-pc-bin grub-efi-amd64-bin grub-common ovmf busybox-static \
-	openssh-server openssh-client e2fsprogs cpio zstd sudo kpartx rsync
+	openssh-server openssh-client e2fsprogs cpio zstd sudo kpartx rsync \
+	file
 
 .PHONY: deps image demo test test-fast lint bench clean
 
@@ -41,7 +43,8 @@ demo: deps
 	$(SUDO) $(BIN)/appliance build -o $(OUT) --authorized-key $$key && \
 	$(SUDO) $(BIN)/appliance boot $(OUT)
 
-test: deps
+# The linters first, so that CI (.ci/run is `make test`) fails on style as on a test.
+test: deps lint
 	$(SUDO) $(BIN)/pytest -v
 
 test-fast: deps
@@ -53,10 +56,18 @@ BENCH_ARGS ?=
 bench: deps
 	$(SUDO) $(BIN)/python bench/bench.py $(BENCH_ARGS)
 
+# dib-lint (from diskimage-builder) checks elements/ as DIB checks its own; it runs the venv's
+# python and flake8. It also checks LIB_DIR, DIB's shell library, for tabs and final newlines:
+# we have none, so that check covers every file of elements/. It names each file it checks;
+# only its errors are shown.
 lint: deps
 	$(BIN)/ruff check appliance tests
 	$(BIN)/ruff format --check appliance tests
 	$(BIN)/mypy
+	@echo "dib-lint elements"
+	@out=$$(PATH="$(abspath $(BIN)):$$PATH" ELEMENTS_DIR=elements LIB_DIR=elements $(BIN)/dib-lint 2>&1) \
+		|| { printf '%s\n' "$$out" | grep -v '^\(Checking\|Parsing\|Skipping\) '; exit 1; }; \
+		printf '%s\n' "$$out" | tail -n 1
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .mypy_cache .ruff_cache

@@ -3,6 +3,14 @@
 Parsing happens once, at the edge: `load_spec` turns a file into a frozen
 `Spec` or raises `SpecError` listing every problem found, each naming the key,
 the bad value and what is allowed.
+
+Each key is declared once, in SETTINGS: its table and name, its default, and
+the parser that says what is allowed. The dataclasses take their defaults from
+there and the known keys of each table follow from it. What a key means is
+written in the commented starter spec, data/appliance.toml (`appliance init`);
+tests/unit/test_spec.py checks that it shows every key with its default. The
+[policy] keys are declared in appliance/agent/policy.py, so that the node's
+agent reads its copy of that table (agent.toml) by the same rules.
 """
 
 from __future__ import annotations
@@ -12,13 +20,14 @@ import hashlib
 import json
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from appliance.agent.policy import Policy
+from appliance.agent.policy import LIMITS, Policy, read_policy
 from appliance.errors import UsageError
 
 RELEASES = ("trixie", "bookworm", "forky")
@@ -73,28 +82,204 @@ class SpecError(UsageError):
         super().__init__("\n".join(lines))
 
 
+# A parser checks one value read from appliance.toml at its key path (e.g. "ssh.user"),
+# appends a Problem for everything wrong with it, and returns the value as the Spec holds it.
+# When it found a problem the spec is refused anyway, and the key keeps its default meanwhile.
+Parser = Callable[[object, str, list[Problem]], Any]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One key of appliance.toml: where it lives, its default, and what it may hold."""
+
+    table: str  # "" for the top level, else the [table] it is written under
+    key: str
+    default: Any
+    parse: Parser
+    dest: str = ""  # the dataclass field holding it, when that is not `key`
+
+    @property
+    def path(self) -> str:
+        return f"{self.table}.{self.key}" if self.table else self.key
+
+
+def text(pattern: re.Pattern[str], allowed: str) -> Parser:
+    """A string that `pattern` matches."""
+
+    def parse(value: object, path: str, problems: list[Problem]) -> object:
+        if not isinstance(value, str) or not pattern.match(value):
+            problems.append(Problem(path, value, allowed))
+        return value
+
+    return parse
+
+
+def one_of(choices: tuple[object, ...]) -> Parser:
+    def parse(value: object, path: str, problems: list[Problem]) -> object:
+        if value not in choices:
+            problems.append(Problem(path, value, f"one of {', '.join(str(choice) for choice in choices)}"))
+        return value
+
+    return parse
+
+
+def flag(value: object, path: str, problems: list[Problem]) -> object:
+    if not isinstance(value, bool):
+        problems.append(Problem(path, value, "must be true or false"))
+    return value
+
+
+def whole_number(low: int, high: int, allowed: str) -> Parser:
+    def parse(value: object, path: str, problems: list[Problem]) -> object:
+        # TOML booleans are ints to Python.
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            problems.append(Problem(path, value, allowed))
+        return value
+
+    return parse
+
+
+def text_list(pattern: re.Pattern[str], allowed: str) -> Parser:
+    """A list of strings, each matched by `pattern`; a bad item is named by its index."""
+
+    def parse(value: object, path: str, problems: list[Problem]) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            problems.append(Problem(path, value, "must be a list of strings"))
+            return ()
+        for index, item in enumerate(value):
+            if not isinstance(item, str) or not pattern.match(item):
+                problems.append(Problem(f"{path}[{index}]", item, allowed))
+        return tuple(value)
+
+    return parse
+
+
+def outputs(value: object, path: str, problems: list[Problem]) -> tuple[Output, ...]:
+    allowed = ", ".join(output.value for output in Output)
+    if not isinstance(value, list) or not value:
+        problems.append(Problem(path, value, f"a non-empty list of: {allowed}"))
+        return ()
+    found: list[Output] = []
+    for index, item in enumerate(value):
+        try:
+            found.append(Output(item))
+        except ValueError:
+            problems.append(Problem(f"{path}[{index}]", item, f"one of {allowed}"))
+    # The ISO and the disk carry the squashfs and PXE serves it, so asking for any means building one.
+    if {Output.ISO, Output.DISK, Output.PXE} & set(found) and Output.SQUASHFS not in found:
+        found.insert(0, Output.SQUASHFS)
+    return tuple(dict.fromkeys(found))
+
+
+user_name = text(USER_PATTERN, "a user name: lower-case letters, digits, '_' and '-', at most 32 characters")
+mirror_url = text(re.compile(f"^$|{MIRROR_PATTERN.pattern}"), "an http://, https:// or file:// URL")
+
+
+def agent_user(value: object, path: str, problems: list[Problem]) -> object:
+    """A user name, but not one of the accounts the image has for people."""
+    user_name(value, path, problems)
+    if value in ("root", BREAK_GLASS_USER):
+        problems.append(Problem(path, value, f"the agent user may not be root or {BREAK_GLASS_USER}"))
+    return value
+
+
+def public_keys(value: object, path: str, problems: list[Problem]) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        problems.append(Problem(path, value, "must be a list of OpenSSH public key lines"))
+        return ()
+    good = []
+    for index, line in enumerate(value):
+        reason = check_public_key(line)
+        if reason:
+            problems.append(Problem(f"{path}[{index}]", line, reason))
+        else:
+            good.append(line.strip())
+    return tuple(good)
+
+
+# Every key of appliance.toml but [policy] (LIMITS in appliance/agent/policy.py), in the order
+# they are read: problems are reported, and known keys listed, in this order.
+SETTINGS = (
+    Setting(
+        "",
+        "name",
+        "appliance",
+        text(
+            NAME_PATTERN, "lower-case letters, digits and '-', starting with a letter or digit, at most 63 characters"
+        ),
+    ),
+    Setting("", "release", DEFAULT_RELEASE, one_of(RELEASES)),
+    Setting(
+        "",
+        "hostname",
+        "appliance",
+        text(
+            HOSTNAME_PATTERN,
+            "a host name label: lower-case letters, digits and '-', 1 to 63 characters, "
+            "not starting or ending with '-'",
+        ),
+    ),
+    Setting(
+        "",
+        "packages",
+        (),
+        text_list(PACKAGE_PATTERN, "a Debian package name (lower-case letters, digits, '+', '-', '.')"),
+    ),
+    Setting("", "outputs", (Output.SQUASHFS, Output.ISO, Output.DISK, Output.PXE), outputs),
+    Setting(
+        "",
+        "size_budget_mb",
+        200,
+        whole_number(1, MAX_BUDGET_MB, f"a whole number of megabytes from 1 to {MAX_BUDGET_MB}"),
+    ),
+    Setting(
+        "kernel",
+        "cmdline",
+        ("quiet",),
+        text_list(
+            CMDLINE_ARG_PATTERN,
+            "one kernel argument without spaces or quotes (letters, digits and _ . , : / = + @ % -)",
+        ),
+        dest="kernel_cmdline",
+    ),
+    Setting("console", "serial", True, flag),
+    Setting("console", "vga", True, flag),
+    Setting("console", "serial_port", "ttyS0", text(re.compile(r"^ttyS[0-9]$"), "ttyS0 to ttyS9")),
+    Setting("console", "baud", 115200, one_of((9600, 19200, 38400, 57600, 115200))),
+    Setting("ssh", "user", "appliance", agent_user),
+    Setting("ssh", "authorized_keys", (), public_keys),
+    Setting("ssh", "break_glass_keys", (), public_keys),
+    Setting("mirrors", "debian", "", mirror_url),
+    Setting("mirrors", "security", "", mirror_url),
+    Setting("storage", "claim_blank_disk", False, flag),
+)
+# The tables below the top level, in the order they are read.
+TABLES = ("kernel", "console", "ssh", "mirrors", "policy", "storage")
+_DEFAULTS: dict[str, Any] = {setting.path: setting.default for setting in SETTINGS}
+
+
 @dataclass(frozen=True)
 class Console:
-    serial: bool = True
-    vga: bool = True
-    serial_port: str = "ttyS0"
-    baud: int = 115200
+    serial: bool = _DEFAULTS["console.serial"]
+    vga: bool = _DEFAULTS["console.vga"]
+    serial_port: str = _DEFAULTS["console.serial_port"]
+    baud: int = _DEFAULTS["console.baud"]
 
 
 @dataclass(frozen=True)
 class Ssh:
-    user: str = "appliance"
-    authorized_keys: tuple[str, ...] = ()
-    # Break-glass: keys for a real shell (user "breakglass", sudo). Off unless given.
-    break_glass_keys: tuple[str, ...] = ()
+    user: str = _DEFAULTS["ssh.user"]
+    authorized_keys: tuple[str, ...] = _DEFAULTS["ssh.authorized_keys"]
+    # Break-glass: keys for a real shell (user BREAK_GLASS_USER, with sudo). Off unless given.
+    break_glass_keys: tuple[str, ...] = _DEFAULTS["ssh.break_glass_keys"]
 
 
 @dataclass(frozen=True)
 class Mirrors:
     """Debian mirrors for the build; empty means 'what the build host's apt uses'."""
 
-    debian: str = ""
-    security: str = ""
+    debian: str = _DEFAULTS["mirrors.debian"]
+    security: str = _DEFAULTS["mirrors.security"]
 
 
 @dataclass(frozen=True)
@@ -103,18 +288,18 @@ class Storage:
 
     # Off by default: claiming formats a disk, and a disk with no signature on
     # it may still hold data some other tool wrote there.
-    claim_blank_disk: bool = False
+    claim_blank_disk: bool = _DEFAULTS["storage.claim_blank_disk"]
 
 
 @dataclass(frozen=True)
 class Spec:
-    name: str = "appliance"
-    release: str = DEFAULT_RELEASE
-    hostname: str = "appliance"
-    packages: tuple[str, ...] = ()
-    kernel_cmdline: tuple[str, ...] = ("quiet",)
-    outputs: tuple[Output, ...] = (Output.SQUASHFS, Output.ISO, Output.DISK, Output.PXE)
-    size_budget_mb: int = 200
+    name: str = _DEFAULTS["name"]
+    release: str = _DEFAULTS["release"]
+    hostname: str = _DEFAULTS["hostname"]
+    packages: tuple[str, ...] = _DEFAULTS["packages"]
+    kernel_cmdline: tuple[str, ...] = _DEFAULTS["kernel.cmdline"]
+    outputs: tuple[Output, ...] = _DEFAULTS["outputs"]
+    size_budget_mb: int = _DEFAULTS["size_budget_mb"]
     console: Console = field(default_factory=Console)
     ssh: Ssh = field(default_factory=Ssh)
     mirrors: Mirrors = field(default_factory=Mirrors)
@@ -158,264 +343,72 @@ def parse_spec(text: str, source: str) -> Spec:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise SpecError(source, [Problem("(syntax)", "", f"not valid TOML: {error}")]) from error
-    reader = _Reader()
-    spec = reader.spec(data)
-    if reader.problems:
-        raise SpecError(source, reader.problems)
+    problems: list[Problem] = []
+    spec = _read_spec(data, problems)
+    if problems:
+        raise SpecError(source, problems)
     return spec
 
 
-class _Reader:
-    """Reads a parsed TOML table into a Spec, collecting problems as it goes."""
+def known_keys(table: str) -> tuple[str, ...]:
+    """The keys a table may hold: its settings, and at the top level the tables themselves."""
+    if table == "policy":
+        return tuple(limit.key for limit in LIMITS)
+    keys = tuple(setting.key for setting in SETTINGS if setting.table == table)
+    return keys + TABLES if table == "" else keys
 
-    def __init__(self) -> None:
-        self.problems: list[Problem] = []
 
-    def problem(self, key: str, value: object, allowed: str) -> None:
-        self.problems.append(Problem(key, value, allowed))
+def _read_spec(data: dict[str, Any], problems: list[Problem]) -> Spec:
+    # Table after table, so that problems come in the order the starter spec shows the keys.
+    top = _read_table(data, "", problems)
+    kernel = _read_subtable(data, "kernel", problems)
+    console = Console(**_read_subtable(data, "console", problems))
+    if not console.serial and not console.vga:
+        problems.append(Problem("console", data["console"], "at least one of serial and vga must be true"))
+    ssh = Ssh(**_read_subtable(data, "ssh", problems))
+    mirrors = Mirrors(**_read_subtable(data, "mirrors", problems))
+    policy_table = _subtable(data, "policy", problems)
+    _refuse_unknown_keys(policy_table, "policy", problems)
+    policy, refusals = read_policy(policy_table)
+    problems.extend(Problem(f"policy.{refusal.key}", refusal.value, refusal.allowed) for refusal in refusals)
+    storage = Storage(**_read_subtable(data, "storage", problems))
+    return Spec(**top, **kernel, console=console, ssh=ssh, mirrors=mirrors, policy=policy, storage=storage)
 
-    def unknown_keys(self, table: dict[str, Any], prefix: str, known: tuple[str, ...]) -> None:
-        for key in table:
-            if key not in known:
-                self.problem(f"{prefix}{key}", table[key], f"unknown key; known keys here: {', '.join(known)}")
 
-    def table(self, data: dict[str, Any], key: str) -> dict[str, Any]:
-        value = data.get(key, {})
-        if not isinstance(value, dict):
-            self.problem(key, value, "must be a table, e.g. [" + key + "]")
-            return {}
-        return value
+def _read_subtable(data: dict[str, Any], name: str, problems: list[Problem]) -> dict[str, Any]:
+    return _read_table(_subtable(data, name, problems), name, problems)
 
-    def string(
-        self, data: dict[str, Any], key: str, default: str, pattern: re.Pattern[str], allowed: str, path: str
-    ) -> str:
-        value = data.get(key, default)
-        if not isinstance(value, str) or not pattern.match(value):
-            self.problem(path, value, allowed)
-            return default
-        return value
 
-    def boolean(self, data: dict[str, Any], key: str, default: bool, path: str) -> bool:
-        value = data.get(key, default)
-        if not isinstance(value, bool):
-            self.problem(path, value, "must be true or false")
-            return default
-        return value
+def _subtable(data: dict[str, Any], name: str, problems: list[Problem]) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        problems.append(Problem(name, value, f"must be a table, e.g. [{name}]"))
+        return {}
+    return value
 
-    def string_list(
-        self,
-        data: dict[str, Any],
-        key: str,
-        pattern: re.Pattern[str],
-        allowed: str,
-        path: str,
-        default: tuple[str, ...] = (),
-    ) -> tuple[str, ...]:
-        value = data.get(key, list(default))
-        if not isinstance(value, list):
-            self.problem(path, value, "must be a list of strings")
-            return ()
-        good = []
-        for index, item in enumerate(value):
-            if isinstance(item, str) and pattern.match(item):
-                good.append(item)
-            else:
-                self.problem(f"{path}[{index}]", item, allowed)
-        return tuple(good)
 
-    def spec(self, data: dict[str, Any]) -> Spec:
-        defaults = Spec()
-        self.unknown_keys(
-            data,
-            "",
-            (
-                "name",
-                "release",
-                "hostname",
-                "packages",
-                "outputs",
-                "size_budget_mb",
-                "kernel",
-                "console",
-                "ssh",
-                "mirrors",
-                "policy",
-                "storage",
-            ),
-        )
-        name = self.string(
-            data,
-            "name",
-            defaults.name,
-            NAME_PATTERN,
-            "lower-case letters, digits and '-', starting with a letter or digit, at most 63 characters",
-            "name",
-        )
-        release = data.get("release", defaults.release)
-        if release not in RELEASES:
-            self.problem("release", release, f"one of {', '.join(RELEASES)}")
-            release = defaults.release
-        hostname = self.string(
-            data,
-            "hostname",
-            defaults.hostname,
-            HOSTNAME_PATTERN,
-            "a host name label: lower-case letters, digits and '-', 1 to 63 characters, "
-            "not starting or ending with '-'",
-            "hostname",
-        )
-        packages = self.string_list(
-            data,
-            "packages",
-            PACKAGE_PATTERN,
-            "a Debian package name (lower-case letters, digits, '+', '-', '.')",
-            "packages",
-        )
-        outputs = self.outputs(data)
-        budget = data.get("size_budget_mb", defaults.size_budget_mb)
-        if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= MAX_BUDGET_MB:
-            self.problem("size_budget_mb", budget, f"a whole number of megabytes from 1 to {MAX_BUDGET_MB}")
-            budget = defaults.size_budget_mb
-        kernel = self.table(data, "kernel")
-        self.unknown_keys(kernel, "kernel.", ("cmdline",))
-        cmdline = self.string_list(
-            kernel,
-            "cmdline",
-            CMDLINE_ARG_PATTERN,
-            "one kernel argument without spaces or quotes (letters, digits and _ . , : / = + @ % -)",
-            "kernel.cmdline",
-            defaults.kernel_cmdline,
-        )
-        return Spec(
-            name=name,
-            release=release,
-            hostname=hostname,
-            packages=packages,
-            kernel_cmdline=cmdline,
-            outputs=outputs,
-            size_budget_mb=budget,
-            console=self.console(self.table(data, "console")),
-            ssh=self.ssh(self.table(data, "ssh")),
-            mirrors=self.mirrors(self.table(data, "mirrors")),
-            policy=self.policy(self.table(data, "policy")),
-            storage=self.storage(self.table(data, "storage")),
-        )
+def _refuse_unknown_keys(values: dict[str, Any], table: str, problems: list[Problem]) -> None:
+    known = known_keys(table)
+    prefix = f"{table}." if table else ""
+    for key, value in values.items():
+        if key not in known:
+            problems.append(Problem(f"{prefix}{key}", value, f"unknown key; known keys here: {', '.join(known)}"))
 
-    def outputs(self, data: dict[str, Any]) -> tuple[Output, ...]:
-        value = data.get("outputs", [output.value for output in Spec().outputs])
-        allowed = ", ".join(output.value for output in Output)
-        if not isinstance(value, list) or not value:
-            self.problem("outputs", value, f"a non-empty list of: {allowed}")
-            return Spec().outputs
-        found: list[Output] = []
-        for index, item in enumerate(value):
-            try:
-                found.append(Output(item))
-            except ValueError:
-                self.problem(f"outputs[{index}]", item, f"one of {allowed}")
-        # The ISO and the disk carry the squashfs and PXE serves it, so asking for any means building one.
-        if {Output.ISO, Output.DISK, Output.PXE} & set(found) and Output.SQUASHFS not in found:
-            found.insert(0, Output.SQUASHFS)
-        return tuple(dict.fromkeys(found))
 
-    def console(self, table: dict[str, Any]) -> Console:
-        defaults = Console()
-        self.unknown_keys(table, "console.", ("serial", "vga", "serial_port", "baud"))
-        serial = self.boolean(table, "serial", defaults.serial, "console.serial")
-        vga = self.boolean(table, "vga", defaults.vga, "console.vga")
-        port = self.string(
-            table,
-            "serial_port",
-            defaults.serial_port,
-            re.compile(r"^ttyS[0-9]$"),
-            "ttyS0 to ttyS9",
-            "console.serial_port",
-        )
-        baud = table.get("baud", defaults.baud)
-        if baud not in (9600, 19200, 38400, 57600, 115200):
-            self.problem("console.baud", baud, "one of 9600, 19200, 38400, 57600, 115200")
-            baud = defaults.baud
-        if not serial and not vga:
-            self.problem("console", table, "at least one of serial and vga must be true")
-        return Console(serial=serial, vga=vga, serial_port=port, baud=baud)
-
-    def ssh(self, table: dict[str, Any]) -> Ssh:
-        defaults = Ssh()
-        self.unknown_keys(table, "ssh.", ("user", "authorized_keys", "break_glass_keys"))
-        user = self.string(
-            table,
-            "user",
-            defaults.user,
-            USER_PATTERN,
-            "a user name: lower-case letters, digits, '_' and '-', at most 32 characters",
-            "ssh.user",
-        )
-        if user in ("root", BREAK_GLASS_USER):
-            self.problem("ssh.user", user, f"the agent user may not be root or {BREAK_GLASS_USER}")
-        return Ssh(
-            user=user,
-            authorized_keys=self.public_keys(table, "authorized_keys"),
-            break_glass_keys=self.public_keys(table, "break_glass_keys"),
-        )
-
-    def public_keys(self, table: dict[str, Any], key: str) -> tuple[str, ...]:
-        keys = table.get(key, [])
-        if not isinstance(keys, list):
-            self.problem(f"ssh.{key}", keys, "must be a list of OpenSSH public key lines")
-            return ()
-        good = []
-        for index, line in enumerate(keys):
-            reason = check_public_key(line)
-            if reason:
-                self.problem(f"ssh.{key}[{index}]", line, reason)
-            else:
-                good.append(line.strip())
-        return tuple(good)
-
-    def mirrors(self, table: dict[str, Any]) -> Mirrors:
-        self.unknown_keys(table, "mirrors.", ("debian", "security"))
-        allowed = "an http://, https:// or file:// URL"
-        return Mirrors(
-            debian=self.string(
-                table, "debian", "", re.compile(f"^$|{MIRROR_PATTERN.pattern}"), allowed, "mirrors.debian"
-            ),
-            security=self.string(
-                table, "security", "", re.compile(f"^$|{MIRROR_PATTERN.pattern}"), allowed, "mirrors.security"
-            ),
-        )
-
-    def storage(self, table: dict[str, Any]) -> Storage:
-        self.unknown_keys(table, "storage.", ("claim_blank_disk",))
-        return Storage(
-            claim_blank_disk=self.boolean(
-                table, "claim_blank_disk", Storage().claim_blank_disk, "storage.claim_blank_disk"
-            )
-        )
-
-    def number(self, table: dict[str, Any], key: str, default: float, low: float, high: float, whole: bool) -> float:
-        value = table.get(key, default)
-        allowed = f"a {'whole number' if whole else 'number'} from {low:g} to {high:g}"
-        if isinstance(value, bool) or not isinstance(value, int | float) or (whole and not isinstance(value, int)):
-            self.problem(f"policy.{key}", value, allowed)
-            return default
-        if not low <= value <= high:
-            self.problem(f"policy.{key}", value, allowed)
-            return default
-        return value
-
-    def policy(self, table: dict[str, Any]) -> Policy:
-        defaults = Policy()
-        self.unknown_keys(
-            table, "policy.", ("reserved_memory_mib", "memory_overcommit", "cpu_overcommit", "max_guests")
-        )
-        return Policy(
-            reserved_memory_mib=int(
-                self.number(table, "reserved_memory_mib", defaults.reserved_memory_mib, 0, 1 << 22, True)
-            ),
-            memory_overcommit=self.number(table, "memory_overcommit", defaults.memory_overcommit, 0.1, 10, False),
-            cpu_overcommit=self.number(table, "cpu_overcommit", defaults.cpu_overcommit, 0.1, 64, False),
-            max_guests=int(self.number(table, "max_guests", defaults.max_guests, 1, 4096, True)),
-        )
+def _read_table(values: dict[str, Any], table: str, problems: list[Problem]) -> dict[str, Any]:
+    """The settings of one table, by dataclass field; a key that is missing or has a problem keeps its default."""
+    _refuse_unknown_keys(values, table, problems)
+    read: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if setting.table != table:
+            continue
+        value = setting.default
+        if setting.key in values:
+            found = len(problems)
+            parsed = setting.parse(values[setting.key], setting.path, problems)
+            value = parsed if len(problems) == found else setting.default
+        read[setting.dest or setting.key] = value
+    return read
 
 
 def check_public_key(line: object) -> str:

@@ -6,14 +6,14 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.agent.policy import Policy
+from appliance.agent.policy import Policy, read_policy
 
 DEFAULT_CONFIG_PATH = Path("/etc/appliance/agent.toml")
 ACCEL_SETTINGS = ("auto", "kvm", "tcg")
 
 
 class ConfigError(Exception):
-    """The agent configuration file is missing a value or cannot be read."""
+    """The agent configuration file cannot be read or holds a value that is not allowed."""
 
 
 @dataclass(frozen=True)
@@ -45,20 +45,17 @@ def load_config(path: Path) -> AgentConfig:
         build_info_path=Path(str(agent.get("build_info", "/etc/appliance/build.json"))),
         ready_marker=str(agent.get("ready_marker", "APPLIANCE-READY")),
         accel=accel,
-        policy=read_policy(data.get("policy", {}), path),
+        policy=policy_of(data.get("policy", {}), path),
     )
 
 
-def read_policy(table: object, path: Path) -> Policy:
+def policy_of(table: object, path: Path) -> Policy:
+    """The [policy] table, read by the same rules as the spec's; a value out of range is refused,
+    not cast: the file is rendered from a checked spec, so a bad value means it was edited."""
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [policy] must be a table")
-    defaults = Policy()
-    try:
-        return Policy(
-            reserved_memory_mib=int(table.get("reserved_memory_mib", defaults.reserved_memory_mib)),
-            memory_overcommit=float(table.get("memory_overcommit", defaults.memory_overcommit)),
-            cpu_overcommit=float(table.get("cpu_overcommit", defaults.cpu_overcommit)),
-            max_guests=int(table.get("max_guests", defaults.max_guests)),
-        )
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{path}: [policy]: {error}") from error
+    policy, refusals = read_policy(table)
+    if refusals:
+        reasons = "; ".join(f"{refusal.key} = {refusal.value!r}: {refusal.allowed}" for refusal in refusals)
+        raise ConfigError(f"{path}: [policy] {reasons}")
+    return policy

@@ -1,12 +1,16 @@
 """The host policy: what the node keeps for itself and how far guests may overcommit it.
 
 Create and start are refused when they would break it, with an error that
-names the figures.
+names the figures. The [policy] keys are declared here once, for both readers
+of the table: the spec (appliance.toml, on the build host) and the agent
+(/etc/appliance/agent.toml, rendered from the spec, on the node).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from appliance.agent.errors import AgentError, ErrorCode
 from appliance.agent.model import GuestSpec
@@ -15,11 +19,70 @@ MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
+class Limit:
+    """One [policy] key: a whole or real number within a range."""
+
+    key: str
+    default: int | float
+    low: int | float
+    high: int | float
+    whole: bool
+
+    @property
+    def allowed(self) -> str:
+        return f"a {'whole number' if self.whole else 'number'} from {self.low:g} to {self.high:g}"
+
+    def read(self, value: object) -> int | float | None:
+        """The value as the policy holds it, or None when it is not allowed."""
+        # TOML booleans are ints to Python; a whole number must not be written 2.0.
+        if isinstance(value, bool) or not isinstance(value, int | float) or (self.whole and not isinstance(value, int)):
+            return None
+        if not self.low <= value <= self.high:
+            return None
+        return value if self.whole else float(value)
+
+
+# The [policy] keys (of appliance.toml, and of the agent.toml rendered from it) in the order they are read.
+LIMITS = (
+    Limit("reserved_memory_mib", 1024, 0, 1 << 22, whole=True),
+    Limit("memory_overcommit", 1.0, 0.1, 10, whole=False),
+    Limit("cpu_overcommit", 4.0, 0.1, 64, whole=False),
+    Limit("max_guests", 64, 1, 4096, whole=True),
+)
+_DEFAULTS: dict[str, Any] = {limit.key: limit.default for limit in LIMITS}
+
+
+@dataclass(frozen=True)
 class Policy:
-    reserved_memory_mib: int = 1024
-    memory_overcommit: float = 1.0
-    cpu_overcommit: float = 4.0
-    max_guests: int = 64
+    reserved_memory_mib: int = _DEFAULTS["reserved_memory_mib"]
+    memory_overcommit: float = _DEFAULTS["memory_overcommit"]
+    cpu_overcommit: float = _DEFAULTS["cpu_overcommit"]
+    max_guests: int = _DEFAULTS["max_guests"]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A [policy] value that is not allowed: its key, the value, and what is allowed."""
+
+    key: str
+    value: object
+    allowed: str
+
+
+def read_policy(table: Mapping[str, object]) -> tuple[Policy, list[Refusal]]:
+    """The policy a [policy] table asks for, and every value refused (a refused or missing key keeps
+    its default). Keys that are not policy keys are left to the caller."""
+    values: dict[str, Any] = {}
+    refusals = []
+    for limit in LIMITS:
+        if limit.key not in table:
+            continue
+        value = limit.read(table[limit.key])
+        if value is None:
+            refusals.append(Refusal(limit.key, table[limit.key], limit.allowed))
+        else:
+            values[limit.key] = value
+    return Policy(**values), refusals
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import TextIO
 from appliance.build.mirrors import HostMirrors
 from appliance.errors import ApplianceError
 from appliance.run import CommandError, run_streaming
-from appliance.spec import Spec
+from appliance.spec import BREAK_GLASS_USER, Spec
 
 # The stock distro element first, then ours; each of ours pulls in its deps.
 ELEMENTS = (
@@ -100,6 +100,7 @@ def build_invocation(
             "DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE": "1",
             "DIB_APPLIANCE_AGENT_SRC": str(agent_dir),
             "DIB_APPLIANCE_AGENT_USER": spec.ssh.user,
+            "DIB_APPLIANCE_BREAK_GLASS_USER": BREAK_GLASS_USER,
         }
     )
     return DibInvocation(argv=tuple(argv), env=env, output_prefix=output_prefix)

@@ -16,7 +16,7 @@ from pathlib import Path
 import jinja2
 
 from appliance.build.layout import TEMPLATES_DIR
-from appliance.spec import Spec
+from appliance.spec import BREAK_GLASS_USER, Spec
 
 READY_MARKER = "APPLIANCE-READY"
 
@@ -65,7 +65,12 @@ def render_image_files(
 ) -> list[Path]:
     """Render templates/image/ into each element's static/ tree; returns the files written."""
     environment = _environment(templates_dir)
-    context = {"spec": spec, "build": build_info(spec, identity, templates_dir), "ready_marker": READY_MARKER}
+    context = {
+        "spec": spec,
+        "build": build_info(spec, identity, templates_dir),
+        "ready_marker": READY_MARKER,
+        "break_glass_user": BREAK_GLASS_USER,
+    }
     written = []
     image_root = templates_dir / "image"
     for template_path in sorted(image_root.rglob("*.j2")):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from appliance.build.dib import ELEMENTS, PhaseFollower, build_invocation
 from appliance.build.mirrors import HostMirrors
-from appliance.spec import parse_spec
+from appliance.spec import BREAK_GLASS_USER, parse_spec
 
 HOST = HostMirrors(debian="http://host.example/debian", security="http://host.example/debian-security")
 
@@ -45,6 +45,7 @@ def test_environment_points_dib_at_our_elements_mirrors_and_cache(tmp_path: Path
     assert env["DIB_DEBOOTSTRAP_CACHE"] == "1" and env["DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE"] == "1"
     assert env["DIB_APPLIANCE_AGENT_SRC"] == str(tmp_path / "agent")
     assert env["DIB_APPLIANCE_AGENT_USER"] == "ops"
+    assert env["DIB_APPLIANCE_BREAK_GLASS_USER"] == BREAK_GLASS_USER
     assert env["HOME"] == "/root"
 
 

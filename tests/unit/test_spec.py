@@ -1,10 +1,21 @@
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from appliance.spec import Output, Spec, SpecError, check_public_key, default_spec_text, load_spec, parse_spec
+from appliance.agent.policy import LIMITS
+from appliance.spec import (
+    SETTINGS,
+    Output,
+    Spec,
+    SpecError,
+    check_public_key,
+    default_spec_text,
+    load_spec,
+    parse_spec,
+)
 
 
 def problems_of(text: str) -> list[str]:
@@ -36,6 +47,37 @@ def test_default_spec_text_parses_and_documents_every_top_level_key() -> None:
         "[storage]",
     ):
         assert key in text
+
+
+def test_the_starter_spec_shows_every_declared_key_with_its_default() -> None:
+    # What a key means is written once, in the starter spec's comments; the table holds the rest.
+    text = default_spec_text()
+    shown = [
+        f"{name}.{key}" if isinstance(value, dict) else name
+        for name, value in tomllib.loads(text).items()
+        for key in (value if isinstance(value, dict) else [name])
+    ]
+    declared = [setting.path for setting in SETTINGS] + [f"policy.{limit.key}" for limit in LIMITS]
+    assert sorted(shown) == sorted(declared)
+    assert parse_spec(text, "starter") == Spec()
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        top_level_key = " = " in line and not any(row.startswith("[") for row in lines[:index])
+        if line.startswith("[") or top_level_key:
+            explained_by = lines[index + 1] if line.startswith("[") else lines[index - 1]
+            assert explained_by.startswith("# "), f"no comment explains {line!r} in the starter spec"
+
+
+def test_unknown_keys_are_refused_with_the_known_ones() -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec('colour = "blue"\n[console]\nspeed = 1\n[policy]\nguests = 3', "t")
+    assert [str(problem) for problem in caught.value.problems] == [
+        "colour = 'blue': unknown key; known keys here: name, release, hostname, packages, outputs, "
+        "size_budget_mb, kernel, console, ssh, mirrors, policy, storage",
+        "console.speed = 1: unknown key; known keys here: serial, vga, serial_port, baud",
+        "policy.guests = 3: unknown key; known keys here: reserved_memory_mib, memory_overcommit, "
+        "cpu_overcommit, max_guests",
+    ]
 
 
 def test_good_spec_is_read_into_typed_values(public_key: str) -> None:
