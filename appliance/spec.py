@@ -107,7 +107,7 @@ def text(pattern: re.Pattern[str], allowed: str) -> Parser:
     """A string that `pattern` matches."""
 
     def parse(value: object, path: str, problems: list[Problem]) -> object:
-        if not isinstance(value, str) or not pattern.match(value):
+        if not isinstance(value, str) or not pattern.fullmatch(value):
             problems.append(Problem(path, value, allowed))
         return value
 
@@ -147,7 +147,7 @@ def text_list(pattern: re.Pattern[str], allowed: str) -> Parser:
             problems.append(Problem(path, value, "must be a list of strings"))
             return ()
         for index, item in enumerate(value):
-            if not isinstance(item, str) or not pattern.match(item):
+            if not isinstance(item, str) or not pattern.fullmatch(item):
                 problems.append(Problem(f"{path}[{index}]", item, allowed))
         return tuple(value)
 

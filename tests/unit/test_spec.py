@@ -218,3 +218,10 @@ def test_a_disk_brings_the_squashfs_it_carries() -> None:
     spec = parse_spec('outputs = ["disk"]', "t")
     assert spec.outputs == (Output.SQUASHFS, Output.DISK)
     assert Output.DISK in Spec().outputs
+
+
+def test_values_that_become_names_and_files_are_matched_whole() -> None:
+    spec = 'name = "demo\\n"\nhostname = "hv01\\n"\npackages = ["vim\\n"]\n[ssh]\nuser = "ops\\n"\n'
+    with pytest.raises(SpecError) as caught:
+        parse_spec(spec, "test")
+    assert {problem.key for problem in caught.value.problems} == {"name", "hostname", "packages[0]", "ssh.user"}
