@@ -84,6 +84,9 @@ def image_format(path: Path) -> str:
 # undoes it at the next agent's start.
 CREATING_PREFIX = ".creating-"
 DELETING_PREFIX = ".deleting-"
+# How long a state query waits for a starting or exiting QEMU to answer or go.
+STATE_WAIT = 10.0
+STATE_POLL_SECONDS = 0.05
 # How long an operation on a guest waits for another one on the same guest (a stop may take a minute).
 OPERATION_WAIT = 120.0
 
@@ -284,16 +287,26 @@ def kill_guest(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
 
 
 def guest_state(host: Hypervisor, name: str) -> tuple[str, int | None]:
+    """What QEMU says the guest is doing; "stopped" without a QEMU.
+
+    A QEMU that is starting (its pid file written, its monitor not yet
+    listening) or exiting (its monitor closed) is asked again until it
+    answers or is gone: only a QEMU that stays silent is "unknown".
+    """
     paths = host.paths(name)
-    pid = running_pid(paths)
-    if pid is None:
-        return "stopped", None
-    try:
-        with qmp_session(paths, timeout=5) as client:
-            status = client.execute("query-status")["status"]
-    except QMPError:
-        return "unknown", pid
-    return ("running" if status == "running" else str(status)), pid
+    deadline = time.monotonic() + STATE_WAIT
+    while True:
+        pid = running_pid(paths)
+        if pid is None:
+            return "stopped", None
+        try:
+            with qmp_session(paths, timeout=5) as client:
+                status = client.execute("query-status")["status"]
+            return ("running" if status == "running" else str(status)), pid
+        except QMPError:
+            if time.monotonic() >= deadline:
+                return "unknown", pid
+            time.sleep(STATE_POLL_SECONDS)
 
 
 def guest_info(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:

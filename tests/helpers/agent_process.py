@@ -13,14 +13,16 @@ from typing import Any
 
 
 class AgentProcess:
-    def __init__(self, state_dir: Path, accel: str = "tcg", config: Path | None = None) -> None:
+    def __init__(
+        self, state_dir: Path, accel: str = "tcg", config: Path | None = None, env: dict[str, str] | None = None
+    ) -> None:
         # Without --config the agent would read the node's /etc/appliance/agent.toml.
         config = config or state_dir.parent / "no-agent.toml"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "appliance.agent", "--config", str(config), "--state-dir", str(state_dir), "serve"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            env={**os.environ, "APPLIANCE_ACCEL": accel},
+            env={**os.environ, "APPLIANCE_ACCEL": accel, **(env or {})},
         )
 
     def send_raw(self, line: bytes) -> dict[str, Any]:

@@ -20,16 +20,16 @@ def state_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def start_agent(state_dir: Path, tmp_path: Path) -> Iterator[StartAgent]:
-    """start_agent(policy=None): a new `appliance-agent serve` on the test's state directory;
-    `policy` is the body of an agent.toml [policy] table."""
+    """start_agent(policy=None, env=None): a new `appliance-agent serve` on the test's state directory;
+    `policy` is the body of an agent.toml [policy] table, `env` more environment for it."""
     started: list[AgentProcess] = []
 
-    def start(policy: str | None = None) -> AgentProcess:
+    def start(policy: str | None = None, env: dict[str, str] | None = None) -> AgentProcess:
         config = None
         if policy is not None:
             config = tmp_path / "agent.toml"
             config.write_text(f"[policy]\n{policy}\n")
-        agent = AgentProcess(state_dir, config=config)
+        agent = AgentProcess(state_dir, config=config, env=env)
         started.append(agent)
         return agent
 
