@@ -41,6 +41,7 @@ class Sshd:
             f"AuthorizedKeysFile {directory / 'authorized_keys'}\nPermitRootLogin forced-commands-only\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
             "AllowTcpForwarding no\nX11Forwarding no\nPermitTunnel no\nAllowAgentForwarding no\n"
+            "MaxStartups 100:30:300\n"  # as the node's sshd: a fleet's burst of connections
         )
         self.process: subprocess.Popen[bytes] | None = None
 

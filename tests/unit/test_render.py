@@ -70,6 +70,12 @@ def test_operator_keys_are_restricted_and_only_for_the_agent_user(spec: Spec, tm
     assert "AuthorizedKeysFile none" in sshd
 
 
+def test_sshd_takes_a_fleets_burst_of_connections(spec: Spec, tmp_path: Path) -> None:
+    sshd = rendered(spec, tmp_path)["appliance-ssh/static/etc/ssh/sshd_config.d/50-appliance.conf"]
+    (setting,) = [line.split()[1] for line in sshd.splitlines() if line.startswith("MaxStartups ")]
+    assert int(setting.split(":")[0]) >= 64  # drops start only past 64 unauthenticated connections
+
+
 def test_agent_config_names_the_agent_user(spec: Spec, tmp_path: Path) -> None:
     import tomllib
 
