@@ -30,6 +30,8 @@ from builds import TITLE_BUILDS, TITLE_SIZES, measure_builds, measure_sizes  # n
 from figures import Section  # noqa: E402
 from guest_start import TITLE as GUESTS_TITLE  # noqa: E402
 from guest_start import measure_guest_starts  # noqa: E402
+from load import TITLE as LOAD_TITLE  # noqa: E402
+from load import measure_load  # noqa: E402
 from loopback import measure_fleet, measure_loopback  # noqa: E402
 from machine import Machine, describe_machine, load_average  # noqa: E402
 from round_trips import RoundTrips  # noqa: E402
@@ -37,7 +39,7 @@ from round_trips import RoundTrips  # noqa: E402
 from appliance.agent.accel import AccelChoice  # noqa: E402
 from appliance.progress import Progress  # noqa: E402
 
-SECTIONS = ("sizes", "builds", "boot", "roundtrip", "guests", "libvirt", "fleet")
+SECTIONS = ("sizes", "builds", "boot", "roundtrip", "guests", "libvirt", "fleet", "load")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connects", type=int, default=10, help="connect + first request (default: %(default)s)")
     parser.add_argument("--fleet-sizes", default="1,8,32", help="fleet sizes N (default: %(default)s)")
     parser.add_argument("--fleet-runs", type=int, default=3, help="fleet reports per size (default: %(default)s)")
+    parser.add_argument("--load-sessions", type=int, default=32, help="concurrent sessions (default: %(default)s)")
+    parser.add_argument("--load-seconds", type=float, default=30.0, help="load test length (default: %(default)s)")
     args = parser.parse_args(argv)
     args.skip = {name.strip() for name in args.skip.split(",") if name.strip()}
     unknown = args.skip - set(SECTIONS)
@@ -163,6 +167,12 @@ def run_sections(
     else:
         sections.append(
             guarded("fleet", title, lambda: measure_fleet(work, progress, args.fleet_sizes, args.fleet_runs))
+        )
+    if "load" in args.skip:
+        sections.append(skipped("load", LOAD_TITLE, "--skip load"))
+    else:
+        sections.append(
+            guarded("load", LOAD_TITLE, lambda: measure_load(work, progress, args.load_sessions, args.load_seconds))
         )
 
 
