@@ -35,6 +35,7 @@ class ErrorCode(StrEnum):
     POLICY_MAX_GUESTS = "policy_max_guests"
     POLICY_MEMORY = "policy_memory"
     POLICY_CPU = "policy_cpu"
+    POLICY_STORAGE = "policy_storage"
     # What the node could not do.
     QMP_FAILED = "qmp_failed"
     TOOL_FAILED = "tool_failed"

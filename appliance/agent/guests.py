@@ -27,7 +27,7 @@ from appliance.agent.errors import AgentError, ErrorCode, guest_exists, guest_no
 from appliance.agent.host import read_meminfo
 from appliance.agent.locks import LockTimeout, held
 from appliance.agent.model import GuestSpec, check_name, parse_cpu_limits
-from appliance.agent.policy import Capacity, Policy, check_create, check_start
+from appliance.agent.policy import Capacity, Policy, check_create, check_disks, check_start
 from appliance.agent.qemu import base_argv, qmp_session, request_powerdown, running_pid, wait_gone
 from appliance.agent.qmp import QMPClient, QMPError
 from appliance.agent.store import Store
@@ -48,7 +48,13 @@ class Hypervisor:
     supervisor: Supervisor = field(default_factory=ProcessSupervisor)
 
     def capacity(self) -> Capacity:
-        return Capacity(memory_total_bytes=read_meminfo().get("MemTotal", 0), cpus=os.cpu_count() or 1)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        store = os.statvfs(self.state_dir)
+        return Capacity(
+            memory_total_bytes=read_meminfo().get("MemTotal", 0),
+            cpus=os.cpu_count() or 1,
+            storage_total_bytes=store.f_blocks * store.f_frsize,
+        )
 
     @property
     def guests_dir(self) -> Path:
@@ -73,9 +79,30 @@ class Hypervisor:
         return path
 
 
+def image_info(path: Path) -> dict[str, Any]:
+    info: dict[str, Any] = json.loads(run_tool([QEMU_IMG, "info", "--output=json", str(path)]))
+    return info
+
+
 def image_format(path: Path) -> str:
     """What qemu-img makes of an image (raw, qcow2, ...): names do not say."""
-    return str(json.loads(run_tool([QEMU_IMG, "info", "--output=json", str(path)]))["format"])
+    return str(image_info(path)["format"])
+
+
+def disks_bytes(host: Hypervisor, spec: GuestSpec, sizes: dict[str, int]) -> int:
+    """The guest's disks at their full size; `sizes` caches base images' virtual sizes by name."""
+    total = 0
+    for disk in spec.disks:
+        if disk.base_image:
+            if disk.base_image not in sizes:
+                try:
+                    sizes[disk.base_image] = int(image_info(host.image(disk.base_image))["virtual-size"])
+                except AgentError:
+                    sizes[disk.base_image] = 0  # an image gone missing: create says so on its own
+            total += sizes[disk.base_image]
+        else:
+            total += disk.size_gib << 30
+    return total
 
 
 # A guest is made in guests/.creating-PID-NAME and renamed to guests/NAME once its row is
@@ -107,7 +134,12 @@ def work_dir(host: Hypervisor, prefix: str, name: str) -> Path:
 
 def create_guest(host: Hypervisor, store: Store, spec: GuestSpec) -> dict[str, Any]:
     """Disks in a private directory, then the row, then the directory under the guest's name."""
-    check_create(host.policy, host.capacity(), store.guests(), spec)
+    capacity = host.capacity()
+    defined = store.guests()
+    check_create(host.policy, capacity, defined, spec)
+    sizes: dict[str, int] = {}
+    defined_bytes = sum(disks_bytes(host, other, sizes) for other in defined)
+    check_disks(host.policy, capacity, defined_bytes, disks_bytes(host, spec, sizes), spec.name)
     with operation(host, spec.name):
         paths = host.paths(spec.name)
         if store.has_guest(spec.name) or paths.directory.exists():

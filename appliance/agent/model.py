@@ -111,6 +111,8 @@ def parse_guest_spec(params: dict[str, Any]) -> GuestSpec:
     boot = params.get("kernel_boot")
     vcpus = check_int(params, "vcpus", 1, MAX_VCPUS, 1)
     weight, quota = parse_cpu_limits(params, vcpus, DEFAULT_CPU_WEIGHT, 0)
+    if not disks and boot is None:
+        raise invalid("the guest has nothing to boot: give it disks or a kernel_boot", "disks")
     return GuestSpec(
         name=check_name(params.get("name")),
         vcpus=vcpus,

@@ -48,6 +48,8 @@ LIMITS = (
     Limit("memory_overcommit", 1.0, 0.1, 10, whole=False),
     Limit("cpu_overcommit", 4.0, 0.1, 64, whole=False),
     Limit("max_guests", 64, 1, 4096, whole=True),
+    # Disks are thin (qcow2): their sizes may add up to more than the store holds, this many times.
+    Limit("disk_overcommit", 1.0, 0.1, 100, whole=False),
 )
 _DEFAULTS: dict[str, Any] = {limit.key: limit.default for limit in LIMITS}
 
@@ -58,6 +60,7 @@ class Policy:
     memory_overcommit: float = _DEFAULTS["memory_overcommit"]
     cpu_overcommit: float = _DEFAULTS["cpu_overcommit"]
     max_guests: int = _DEFAULTS["max_guests"]
+    disk_overcommit: float = _DEFAULTS["disk_overcommit"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ def read_policy(table: Mapping[str, object]) -> tuple[Policy, list[Refusal]]:
 class Capacity:
     memory_total_bytes: int
     cpus: int
+    # The guest store's file system.
+    storage_total_bytes: int = 0
 
     def guest_memory_mib(self, policy: Policy) -> int:
         usable = self.memory_total_bytes // MIB - policy.reserved_memory_mib
@@ -129,4 +134,18 @@ def check_start(policy: Policy, capacity: Capacity, running: list[GuestSpec], ne
             ErrorCode.POLICY_CPU,
             f"starting {new.name!r} needs {new.vcpus} vCPUs; running guests have {vcpus_in_use} "
             f"of the {vcpu_limit} vCPUs allowed ({capacity.cpus} CPUs x{policy.cpu_overcommit} overcommit)",
+        )
+
+
+def check_disks(policy: Policy, capacity: Capacity, defined_bytes: int, new_bytes: int, name: str) -> None:
+    """The disks of every guest, at their full size, within the store times disk_overcommit."""
+    limit = int(capacity.storage_total_bytes * policy.disk_overcommit)
+    if defined_bytes + new_bytes > limit:
+        gib = 1 << 30
+        raise AgentError(
+            ErrorCode.POLICY_STORAGE,
+            f"{name!r} asks for {new_bytes / gib:.1f} GiB of disks; guests' disks already add up to "
+            f"{defined_bytes / gib:.1f} GiB of the {limit / gib:.1f} GiB allowed "
+            f"({capacity.storage_total_bytes / gib:.1f} GiB store x{policy.disk_overcommit} disk_overcommit: "
+            "disks are thin, raise it in [policy] to provision more than the store holds)",
         )

@@ -63,7 +63,15 @@ def agent_hello(context: ServerContext, params: dict[str, Any]) -> dict[str, Any
 def host_report(context: ServerContext, params: dict[str, Any]) -> dict[str, object]:
     no_params(params)
     report = collect_report(context.build_info_path)
-    return {**report.to_json(), **guests.resources_report(context.host, context.store)}
+    # One answer about KVM: /dev/kvm answering its API is not enough, guests get it only
+    # when a probe guest ran under it (the accelerator in the report says why not).
+    accel = context.host.accel
+    kvm = {
+        "present": report.kvm.present,
+        "usable": accel.accel == "kvm",
+        "detail": report.kvm.detail if accel.accel == "kvm" else accel.reason,
+    }
+    return {**report.to_json(), "kvm": kvm, **guests.resources_report(context.host, context.store)}
 
 
 def guest_name(params: dict[str, Any], extra: set[str] | None = None) -> str:

@@ -82,3 +82,27 @@ def test_host_report_counts_guests_and_what_they_hold(start_agent: StartAgent) -
     assert report["accelerator"] == "tcg"  # the test agent runs guests with APPLIANCE_ACCEL=tcg
     assert 0 < report["storage_free_bytes"] <= report["storage_total_bytes"]
     assert len(report["load"]) == 3
+
+
+def test_disks_larger_than_the_store_allows_are_refused_with_the_figures(start_agent: StartAgent) -> None:
+    agent = agent_with_policy(start_agent, "disk_overcommit = 1.0")
+    huge = {"name": "huge", "memory_mib": 32, "disks": [{"size_gib": 49 * 1024}]}
+    reply = agent.call("guest.create", huge)
+    assert reply["error"]["data"]["code"] == "policy_storage"
+    assert "50176.0 GiB" in reply["error"]["message"] and "disk_overcommit" in reply["error"]["message"]
+    assert agent.result("guest.list") == []
+    # Thin provisioning, when the policy allows it.
+    thin = agent_with_policy(start_agent, "disk_overcommit = 100")
+    assert thin.result("guest.create", {**huge, "disks": [{"size_gib": 64}]})["name"] == "huge"
+
+
+def test_a_guest_with_nothing_to_boot_is_refused(start_agent: StartAgent) -> None:
+    agent = agent_with_policy(start_agent, "")
+    reply = agent.call("guest.create", {"name": "empty", "memory_mib": 32})
+    assert reply["error"]["data"]["code"] == "invalid_params" and "nothing to boot" in reply["error"]["message"]
+
+
+def test_the_report_gives_one_answer_about_kvm(start_agent: StartAgent) -> None:
+    report = agent_with_policy(start_agent, "").result("host.report")
+    assert report["kvm"]["usable"] == (report["accelerator"] == "kvm")
+    assert report["accelerator"] == "tcg" and report["kvm"]["detail"] == report["accelerator_reason"]

@@ -76,7 +76,7 @@ def test_unknown_keys_are_refused_with_the_known_ones() -> None:
         "size_budget_mb, kernel, console, ssh, mirrors, policy, storage",
         "console.speed = 1: unknown key; known keys here: serial, vga, serial_port, baud",
         "policy.guests = 3: unknown key; known keys here: reserved_memory_mib, memory_overcommit, "
-        "cpu_overcommit, max_guests",
+        "cpu_overcommit, max_guests, disk_overcommit",
     ]
 
 
