@@ -92,7 +92,7 @@ def test_disks_larger_than_the_store_allows_are_refused_with_the_figures(start_a
     assert "50176.0 GiB" in reply["error"]["message"] and "disk_overcommit" in reply["error"]["message"]
     assert agent.result("guest.list") == []
     # Thin provisioning, when the policy allows it.
-    thin = agent_with_policy(start_agent, "disk_overcommit = 100")
+    thin = start_agent("disk_overcommit = 100")
     assert thin.result("guest.create", {**huge, "disks": [{"size_gib": 64}]})["name"] == "huge"
 
 
