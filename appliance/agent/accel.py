@@ -27,8 +27,15 @@ DETECT_VIRT = "systemd-detect-virt"
 #   xor ax,ax; mov ds,ax; cld; mov dx,0x3f8; mov si,msg
 #   next: lodsb; test al,al; jz done; out dx,al; jmp next
 #   done: cli; hlt; jmp $-1
-PROBE_CODE = bytes.fromhex("31c08ed8fcbaf803be177cac84c07403eeebf8faf4ebfd") + PROBE_MARKER + b"\r\n\0"
-PROBE_BOOT_SECTOR = PROBE_CODE.ljust(510, b"\0") + b"\x55\xaa"
+PRINT_CODE = bytes.fromhex("31c08ed8fcbaf803be177cac84c07403eeebf8faf4ebfd")
+
+
+def boot_sector_printing(message: bytes) -> bytes:
+    """A boot sector that writes `message` (no NUL in it, at most 486 bytes) to COM1 and halts."""
+    return (PRINT_CODE + message + b"\0").ljust(510, b"\0") + b"\x55\xaa"
+
+
+PROBE_BOOT_SECTOR = boot_sector_printing(PROBE_MARKER + b"\r\n")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import TextIO
 from appliance.agent.accel import AccelChoice, probe_accel
 from appliance.boot.vm import (
     BootConfig,
+    KernelPanicError,
     QemuError,
     RunningVm,
     VmPaths,
@@ -152,28 +153,40 @@ def boot(request: BootRequest, say: TextIO = sys.stdout) -> BootResult:
         extra_disk=extra_disk,
     )
     try:
-        vm = start_vm(config, paths)
-    except BaseException:
-        if pxe_server:
-            pxe_server.close()
-        raise
-    say.write(f"QEMU pid {vm.process.pid}; console log {paths.console_log}\n")
-    example = '{"jsonrpc":"2.0","id":1,"method":"host.report"}'
-    say.write(f"ask the node's agent: echo '{example}' | ssh -p {config.ssh_port} {user}@127.0.0.1\n")
-    say.flush()
-    try:
-        if request.wait:
-            seconds = vm.wait_for_console(READY_MARKER, request.timeout)
-        else:
-            seconds = follow_console(vm, say)
-    except BaseException:
-        vm.stop()
-        raise
+        vm, seconds = start_and_wait(request, config, paths, say, user)
     finally:
         # Once ready the node holds its root in RAM: the server is no longer needed.
         if pxe_server:
             pxe_server.close()
     return BootResult(ssh_port=config.ssh_port, accel=accel, seconds_to_ready=seconds, paths=paths, pid=vm.process.pid)
+
+
+def start_and_wait(
+    request: BootRequest, config: BootConfig, paths: VmPaths, say: TextIO, user: str, retry_panic: bool = True
+) -> tuple[RunningVm, float]:
+    """Start QEMU and wait for the node (or follow its console). Under TCG a kernel that panics
+    early is booted once more: QEMU's emulation of SMP code patching (an int3 left in kernel
+    text being patched) panics a correct kernel now and then; the first console is kept."""
+    vm = start_vm(config, paths)
+    say.write(f"QEMU pid {vm.process.pid}; console log {paths.console_log}\n")
+    example = '{"jsonrpc":"2.0","id":1,"method":"host.report"}'
+    say.write(f"ask the node's agent: echo '{example}' | ssh -p {config.ssh_port} {user}@127.0.0.1\n")
+    say.flush()
+    try:
+        if not request.wait:
+            return vm, follow_console(vm, say)
+        return vm, vm.wait_for_console(READY_MARKER, request.timeout)
+    except KernelPanicError as error:
+        vm.stop()
+        if not (retry_panic and config.accel.accel == "tcg"):
+            raise
+        kept = paths.directory / "serial-panic.log"
+        paths.console_log.replace(kept)
+        say.write(f"{error} (under TCG); booting once more, that console is in {kept}\n")
+        return start_and_wait(request, config, paths, say, user, retry_panic=False)
+    except BaseException:
+        vm.stop()
+        raise
 
 
 def follow_console(vm: RunningVm, say: TextIO) -> float:

@@ -25,6 +25,13 @@ class QemuError(ApplianceError):
     """QEMU could not be started, died, or the guest never became ready."""
 
 
+class KernelPanicError(QemuError):
+    """The node's kernel panicked before it was ready (its console says so)."""
+
+
+PANIC_MARKER = b"Kernel panic - not syncing"
+
+
 def free_local_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -182,8 +189,12 @@ class RunningVm:
         deadline = self.started + timeout
         wanted = marker.encode()
         while time.monotonic() < deadline:
-            if self.paths.console_log.exists() and wanted in self.paths.console_log.read_bytes():
+            console = self.paths.console_log.read_bytes() if self.paths.console_log.exists() else b""
+            if wanted in console:
                 return time.monotonic() - self.started
+            if PANIC_MARKER in console:
+                line = console[console.index(PANIC_MARKER) :].split(b"\n", 1)[0].decode(errors="replace").strip()
+                raise KernelPanicError(f"the node's kernel panicked before it was ready: {line}")
             if self.process.poll() is not None:
                 raise QemuError(f"QEMU exited with code {self.process.returncode}: {self.qemu_log_tail()}")
             time.sleep(0.1)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from helpers.waiting import wait_until
 
-from appliance.boot.boot import GIB, BootRequest, boot, prepare_disk, prepare_extra_disk
-from appliance.boot.vm import QemuError, VmPaths
+from appliance.agent.accel import AccelChoice, boot_sector_printing
+from appliance.boot.boot import GIB, BootRequest, boot, prepare_disk, prepare_extra_disk, start_and_wait
+from appliance.boot.vm import BootConfig, KernelPanicError, QemuError, VmPaths, free_local_port, recorded_vm
 from appliance.manifest import Manifest, MissingArtifactError
 
 
@@ -119,3 +120,21 @@ def test_a_second_boot_from_the_same_directory_is_refused(tmp_path: Path) -> Non
     finally:
         stand_in.kill()
         stand_in.wait()
+
+
+def test_a_kernel_panic_before_ready_fails_at_once_and_is_booted_once_more_under_tcg(tmp_path: Path) -> None:
+    # A boot sector that prints what a panicking kernel prints, then halts.
+    sector = boot_sector_printing(b"Kernel panic - not syncing: stand-in\r\n")
+    raw = tmp_path / "panic.raw"
+    raw.write_bytes(sector.ljust(1 << 20, b"\0"))
+    disk = tmp_path / "panic.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(disk)], check=True)
+    paths = VmPaths(tmp_path / "run")
+    config = BootConfig(media=disk, accel=AccelChoice("tcg", "test"), ssh_port=free_local_port(),
+                        memory_mb=64, cpus=1, media_kind="disk")  # fmt: skip
+    say = io.StringIO()
+    with pytest.raises(KernelPanicError, match="stand-in"):
+        start_and_wait(request(tmp_path, timeout=120.0), config, paths, say, "appliance")
+    assert "booting once more" in say.getvalue() and say.getvalue().count("QEMU pid") == 2
+    assert b"stand-in" in (paths.directory / "serial-panic.log").read_bytes()
+    assert recorded_vm(paths) is None  # both QEMUs stopped
