@@ -25,6 +25,7 @@ class ErrorCode(StrEnum):
     GUEST_RUNNING = "guest_running"
     GUEST_NOT_RUNNING = "guest_not_running"
     GUEST_BUSY = "guest_busy"
+    KEPT_NOT_FOUND = "kept_not_found"
     # The image store.
     IMAGE_EXISTS = "image_exists"
     IMAGE_NOT_FOUND = "image_not_found"

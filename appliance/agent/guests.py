@@ -26,7 +26,7 @@ from appliance.agent.crashpoints import crash_point
 from appliance.agent.errors import AgentError, ErrorCode, guest_exists, guest_not_running, image_not_found
 from appliance.agent.host import read_meminfo
 from appliance.agent.locks import LockTimeout, held
-from appliance.agent.model import GuestSpec, check_name, parse_cpu_limits
+from appliance.agent.model import CPU_FIELDS, GuestSpec, check_name, parse_cpu_limits, updated_spec
 from appliance.agent.policy import Capacity, Policy, check_create, check_disks, check_start
 from appliance.agent.qemu import base_argv, qmp_session, request_powerdown, running_pid, wait_gone
 from appliance.agent.qmp import QMPClient, QMPError
@@ -237,11 +237,49 @@ def qmp(host: Hypervisor, name: str) -> Iterator[QMPClient]:
 
 
 def guest_command(host: Hypervisor, store: Store, name: str, command: str) -> dict[str, Any]:
-    """pause (stop), resume (cont) and reboot (system_reset) through QMP."""
+    """pause (stop) and resume (cont) through QMP."""
     store.guest(name)
     with operation(host, name), qmp(host, name) as client:
         client.execute(command)
     return guest_info(host, store, name)
+
+
+def reboot_guest(host: Hypervisor, store: Store, name: str, mode: str, timeout: float) -> dict[str, Any]:
+    """ "reset": the reset button (QMP system_reset), at once. "acpi": as `virsh reboot` does
+    without a guest agent: an ACPI power-down (forced after `timeout`), then a start."""
+    store.guest(name)
+    paths = host.paths(name)
+    with operation(host, name):
+        pid = running_pid(paths)
+        if pid is None:
+            raise guest_not_running(name)
+        if mode == "reset":
+            with qmp(host, name) as client:
+                client.execute("system_reset")
+            return {"name": name, "mode": mode, "forced": True, "pid": pid}
+        forced = host.supervisor.stop(name, paths, pid, timeout)
+        started = start_locked(host, store, name)
+    return {"name": name, "mode": mode, "forced": forced, "pid": started["pid"]}
+
+
+def update_guest(host: Hypervisor, store: Store, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """A new definition for a guest: kept at once, in effect from its next start (CPU limits at once)."""
+    with operation(host, name):
+        spec = store.guest(name)
+        updated = updated_spec(spec, changes)
+        others = [other for other in store.guests() if other.name != name]
+        check_create(host.policy, host.capacity(), others, updated)
+        running = running_pid(host.paths(name)) is not None
+        if running and (updated.cpu_weight, updated.cpu_quota_percent) != (spec.cpu_weight, spec.cpu_quota_percent):
+            host.supervisor.set_cpu_live(updated)
+        store.replace_guest(updated)
+    changed = sorted(key for key, value in updated.to_json().items() if spec.to_json()[key] != value)
+    return {
+        "name": name,
+        "definition": updated.to_json(),
+        "changed": changed,
+        "restart_needed": running and bool(set(changed) - CPU_FIELDS),
+    }
 
 
 def stop_guest(host: Hypervisor, store: Store, name: str, timeout: float) -> dict[str, Any]:
@@ -419,19 +457,19 @@ def console_tail(host: Hypervisor, store: Store, name: str, max_bytes: int) -> d
 
 def delete_guest(host: Hypervisor, store: Store, name: str, force: bool, remove_disks: bool) -> dict[str, Any]:
     """The directory moves away first (to kept-disks/, or aside to be removed), then the row goes."""
-    store.guest(name)
     paths = host.paths(name)
     with operation(host, name):
+        spec = store.guest(name)
         pid = running_pid(paths)
         if pid is not None:
             if not force:
                 raise AgentError(ErrorCode.GUEST_RUNNING, f"guest {name!r} is running; stop it first or pass force")
             host.supervisor.force_off(name, paths, pid)
-        # Kept disks move aside so the name is free again and nothing is lost.
-        kept = host.kept_disks_dir / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}"
-        moved_to = work_dir(host, DELETING_PREFIX, name) if remove_disks else kept
-        moved_to.parent.mkdir(parents=True, exist_ok=True)
+        moved_to = work_dir(host, DELETING_PREFIX, name) if remove_disks else new_kept_dir(host, name)
         if paths.directory.exists():
+            if not remove_disks:
+                # Kept with its definition, so kept.restore can bring the guest back as it was.
+                (paths.directory / KEPT_DEFINITION).write_text(json.dumps(spec.to_json()))
             paths.directory.rename(moved_to)
         crash_point("guest-delete:moved")
         store.remove_guest(name, missing_ok=True)
@@ -439,4 +477,19 @@ def delete_guest(host: Hypervisor, store: Store, name: str, force: bool, remove_
     if remove_disks:
         shutil.rmtree(moved_to, ignore_errors=True)
         return {"name": name, "deleted": True, "disks_kept_in": None}
-    return {"name": name, "deleted": True, "disks_kept_in": str(kept)}
+    return {"name": name, "deleted": True, "disks_kept_in": str(moved_to)}
+
+
+# A kept guest directory's copy of the definition the guest had when it was deleted.
+KEPT_DEFINITION = "definition.json"
+
+
+def new_kept_dir(host: Hypervisor, name: str) -> Path:
+    """kept-disks/NAME-TIME, with a counter when a delete of the same name came within the second."""
+    host.kept_disks_dir.mkdir(parents=True, exist_ok=True)
+    base = host.kept_disks_dir / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}"
+    candidate, number = base, 1
+    while candidate.exists():
+        number += 1
+        candidate = base.with_name(f"{base.name}-{number}")
+    return candidate

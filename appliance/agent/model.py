@@ -58,6 +58,18 @@ class GuestSpec:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_params(self) -> dict[str, Any]:
+        """The guest.create params that define this guest (the inverse of parse_guest_spec)."""
+        params = {**self.to_json(), "restart": self.restart.value}
+        params["disks"] = [
+            {"base_image": disk.base_image} if disk.base_image else {"size_gib": disk.size_gib} for disk in self.disks
+        ]
+        if self.kernel_boot is None:
+            del params["kernel_boot"]
+        else:
+            params["kernel_boot"] = {key: value for key, value in asdict(self.kernel_boot).items() if value}
+        return params
+
     def images_used(self) -> set[str]:
         used = {disk.base_image for disk in self.disks if disk.base_image}
         if self.kernel_boot:
@@ -184,3 +196,13 @@ def guest_spec_from_json(data: dict[str, Any]) -> GuestSpec:
         cpu_weight=data.get("cpu_weight", DEFAULT_CPU_WEIGHT),
         cpu_quota_percent=data.get("cpu_quota_percent", 0),
     )
+
+
+# What guest.update may change; disks and NICs have verbs of their own.
+UPDATABLE_FIELDS = {"vcpus", "memory_mib", "autostart", "restart", "kernel_boot"} | CPU_FIELDS
+
+
+def updated_spec(spec: GuestSpec, changes: dict[str, Any]) -> GuestSpec:
+    """The definition with `changes` applied, checked as a new definition would be."""
+    check_fields(changes, UPDATABLE_FIELDS, "update")
+    return parse_guest_spec({**spec.to_params(), **changes})

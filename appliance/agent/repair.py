@@ -21,6 +21,7 @@ from pathlib import Path
 
 from appliance.agent.guests import CREATING_PREFIX, DELETING_PREFIX, Hypervisor
 from appliance.agent.images import PARTIAL_PREFIX
+from appliance.agent.kept import RESTORING_PREFIX
 from appliance.agent.store import Store
 
 
@@ -50,6 +51,9 @@ def repair_guests(host: Hypervisor, store: Store) -> None:
         if entry.name.startswith(CREATING_PREFIX):
             if not owner_alive(entry, CREATING_PREFIX):
                 finish_or_undo_create(host, entry, owned_name(entry, CREATING_PREFIX) in defined)
+        elif entry.name.startswith(RESTORING_PREFIX):
+            if not owner_alive(entry, RESTORING_PREFIX):
+                finish_or_undo_restore(host, entry, owned_name(entry, RESTORING_PREFIX) in defined)
         elif entry.name.startswith(DELETING_PREFIX):
             if not owner_alive(entry, DELETING_PREFIX):
                 shutil.rmtree(entry, ignore_errors=True)
@@ -65,6 +69,16 @@ def finish_or_undo_create(host: Hypervisor, entry: Path, row_committed: bool) ->
         entry.rename(target)
     else:
         shutil.rmtree(entry, ignore_errors=True)
+
+
+def finish_or_undo_restore(host: Hypervisor, entry: Path, row_committed: bool) -> None:
+    """A restore cut short: the guest is back if its row was committed, else its disks go back."""
+    target = host.guests_dir / owned_name(entry, RESTORING_PREFIX)
+    if row_committed and not target.exists():
+        entry.rename(target)
+    else:
+        host.kept_disks_dir.mkdir(parents=True, exist_ok=True)
+        entry.rename(host.kept_disks_dir / f"{target.name}-{time.strftime('%Y%m%dT%H%M%S')}-restore-undone")
 
 
 def set_aside_undefined(host: Hypervisor, entry: Path) -> None:

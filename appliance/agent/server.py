@@ -6,13 +6,14 @@ everything an operator can reach.
 
 from __future__ import annotations
 
+import re
 import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from appliance.agent import __version__, guests, images
+from appliance.agent import __version__, guests, images, kept, node
 from appliance.agent.errors import AgentError, ErrorCode
 from appliance.agent.host import collect_report
 from appliance.agent.model import CPU_FIELDS, check_fields, check_int, check_name, parse_guest_spec
@@ -109,6 +110,62 @@ def guest_set_cpu(context: ServerContext, params: dict[str, Any]) -> Any:
     return guests.set_cpu(context.host, context.store, name, params)
 
 
+def guest_reboot(context: ServerContext, params: dict[str, Any]) -> Any:
+    name = guest_name(params, {"mode", "timeout"})
+    mode = params.get("mode", "reset")
+    if mode not in REBOOT_MODES:
+        raise AgentError(ErrorCode.INVALID_PARAMS, f"mode must be one of {', '.join(REBOOT_MODES)}", {"field": "mode"})
+    timeout = check_int(params, "timeout", 0, 3600, 60)
+    return guests.reboot_guest(context.host, context.store, name, mode, timeout)
+
+
+# "reset" first: what guest.reboot always did, for clients that do not say.
+REBOOT_MODES = ("reset", "acpi")
+
+
+def guest_update(context: ServerContext, params: dict[str, Any]) -> Any:
+    name = check_name(params.get("name"))
+    changes = {key: value for key, value in params.items() if key != "name"}
+    return guests.update_guest(context.host, context.store, name, changes)
+
+
+def kept_list(context: ServerContext, params: dict[str, Any]) -> Any:
+    no_params(params)
+    return kept.list_kept(context.host)
+
+
+def kept_restore(context: ServerContext, params: dict[str, Any]) -> Any:
+    check_fields(params, {"kept", "name"}, "params")
+    name = params.get("name")
+    return kept.restore(context.host, context.store, params.get("kept"), None if name is None else check_name(name))
+
+
+def kept_purge(context: ServerContext, params: dict[str, Any]) -> Any:
+    check_fields(params, {"kept"}, "params")
+    return kept.purge(context.host, params.get("kept"))
+
+
+def node_power(action: str) -> Method:
+    def method(context: ServerContext, params: dict[str, Any]) -> Any:
+        no_params(params)
+        return node.power(action)
+
+    return method
+
+
+UNIT_PATTERN = re.compile(r"[A-Za-z0-9@_.:\\-]{1,255}")
+
+
+def node_logs(context: ServerContext, params: dict[str, Any]) -> Any:
+    check_fields(params, {"lines", "unit", "boot"}, "params")
+    unit = params.get("unit", "")
+    if not isinstance(unit, str) or (unit and not UNIT_PATTERN.fullmatch(unit)):
+        raise AgentError(ErrorCode.INVALID_PARAMS, "unit must be a systemd unit name", {"field": "unit"})
+    lines = check_int(params, "lines", 1, node.MAX_LOG_LINES, 200)
+    boot = check_int(params, "boot", -100, 0, 0)
+    return node.journal(lines, unit, boot)
+
+
 def guest_kill(context: ServerContext, params: dict[str, Any]) -> Any:
     return guests.kill_guest(context.host, context.store, guest_name(params))
 
@@ -188,7 +245,14 @@ METHODS: dict[str, Method] = {
     "guest.start": guest_start,
     "guest.stop": guest_stop,
     "guest.kill": guest_kill,
-    "guest.reboot": qmp_verb("system_reset"),
+    "guest.reboot": guest_reboot,
+    "guest.update": guest_update,
+    "kept.list": kept_list,
+    "kept.restore": kept_restore,
+    "kept.purge": kept_purge,
+    "node.reboot": node_power("reboot"),
+    "node.shutdown": node_power("shutdown"),
+    "node.logs": node_logs,
     "guest.pause": qmp_verb("stop"),
     "guest.resume": qmp_verb("cont"),
     "guest.delete": guest_delete,

@@ -144,3 +144,19 @@ def test_a_partial_upload_of_a_killed_agent_is_removed_by_the_next_agent_at_once
     victim.kill()
     start_agent().result("image.list")  # a connection that imports nothing
     assert hidden_entries(state_dir) == []
+
+
+def test_a_restore_of_kept_disks_killed_after_its_row_brings_the_guest_back(
+    agent: AgentProcess, start_agent: StartAgent, state_dir: Path
+) -> None:
+    assert "result" in agent.import_image("base", IMAGE)
+    agent.result("guest.create", GUEST)
+    agent.result("guest.delete", {"name": "g"})
+    (kept,) = agent.result("kept.list")
+    victim = crashing(start_agent, "kept-restore:row")
+    send(victim, "kept.restore", {"kept": kept["kept"]})
+    assert_killed_by_its_crash_point(victim)
+    after = start_agent()
+    assert [guest["name"] for guest in after.result("guest.list")] == ["g"]
+    assert (state_dir / "guests" / "g" / "disk0.qcow2").exists() and after.result("kept.list") == []
+    assert_every_name_usable(after, state_dir)
