@@ -20,40 +20,31 @@ from typing import Any
 
 import paramiko
 
-from appliance.errors import ApplianceError
+from appliance.nodes.errors import (
+    AgentCallError,
+    AuthenticationError,
+    ConnectionLostError,
+    HostKeyError,
+    NodeError,
+    NodeTimeoutError,
+)
+
+__all__ = [
+    "AgentCallError",
+    "AuthenticationError",
+    "ConnectionLostError",
+    "HostKeyError",
+    "Node",
+    "NodeAddress",
+    "NodeError",
+    "NodeTimeoutError",
+    "fingerprint",
+    "parse_address",
+]
 
 AGENT_COMMAND = "appliance-agent serve"
 CHUNK = 1 << 20
 DEFAULT_KNOWN_HOSTS = Path.home() / ".config" / "appliance" / "known_hosts"
-
-
-class NodeError(ApplianceError):
-    """Base of every failure talking to a node."""
-
-
-class AuthenticationError(NodeError):
-    """The node refused our key."""
-
-
-class HostKeyError(NodeError):
-    """The node's host key is unknown (strict mode) or differs from the one recorded."""
-
-
-class NodeTimeoutError(NodeError):
-    """No answer within the timeout."""
-
-
-class ConnectionLostError(NodeError):
-    """The connection could not be made or broke while in use."""
-
-
-class AgentCallError(NodeError):
-    """The agent answered with an error; `code` is its stable name."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,48 @@
+"""What can go wrong talking to nodes, each with the stable `code` that `--json` prints.
+
+Every paramiko and socket error is turned into one of these at the client's
+boundary (appliance.nodes.client), so none reaches the CLI as a traceback.
+"""
+
+from __future__ import annotations
+
+from appliance.errors import ApplianceError
+
+
+class NodeError(ApplianceError):
+    """Base of every failure talking to a node."""
+
+    code = "node_error"
+
+
+class AuthenticationError(NodeError):
+    """The node refused every key offered."""
+
+    code = "auth_failed"
+
+
+class HostKeyError(NodeError):
+    """The node's host key is unknown (strict mode) or differs from the one recorded."""
+
+    code = "host_key"
+
+
+class NodeTimeoutError(NodeError):
+    """No answer within the timeout."""
+
+    code = "timeout"
+
+
+class ConnectionLostError(NodeError):
+    """The connection could not be made or broke while in use."""
+
+    code = "connection_lost"
+
+
+class AgentCallError(NodeError):
+    """The agent answered with an error; `code` is its stable name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
