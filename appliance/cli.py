@@ -17,13 +17,18 @@ from appliance.build.pipeline import build, read_key_files
 from appliance.deploy.flash import FlashError, flash
 from appliance.deploy.pxe_server import CHAIN_SCRIPT, read_pxe_set, start_pxe_server
 from appliance.errors import EXIT_FAILED, EXIT_USAGE, ApplianceError
-from appliance.nodes.client import DEFAULT_KNOWN_HOSTS, Node, NodeAddress, parse_address
+from appliance.nodes.client import Node, NodeAddress, default_known_hosts, parse_address
 from appliance.nodes.fleet import DEFAULT_CONCURRENCY, HostOutcome, fan_out, load_inventory
+from appliance.nodes.keys import ENV_KEY, ENV_PASSPHRASE, Keyring
 from appliance.progress import Progress
 from appliance.spec import default_spec_text, load_spec
 
 EXIT_OK, EXIT_INTERRUPTED = 0, 130
-DEFAULT_KEY = Path.home() / ".ssh" / "id_ed25519"
+KEY_HELP = (
+    f"operator private key (default: ${ENV_KEY}, else as ssh: the host's IdentityFile in ~/.ssh/config, "
+    f"ssh-agent's keys, ~/.ssh/id_ed25519, id_ecdsa, id_rsa; a passphrase is asked on a terminal or read "
+    f"from ${ENV_PASSPHRASE})"
+)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -169,9 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  appliance selftest out --key ~/.ssh/id_ed25519",
     )
     selftest_cmd.add_argument("dir", type=Path, help="build directory (built with --authorized-key KEY.pub)")
-    selftest_cmd.add_argument(
-        "--key", type=Path, default=DEFAULT_KEY, help="operator private key (default: %(default)s)"
-    )
+    selftest_cmd.add_argument("--key", type=Path, help=KEY_HELP)
     selftest_cmd.add_argument(
         "--media",
         choices=("auto", "disk", "iso"),
@@ -217,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_key_options(parser: argparse.ArgumentParser, timeout: float) -> None:
     """How to reach nodes: the operator key, host key checking, timeout, output."""
-    parser.add_argument("--key", type=Path, default=DEFAULT_KEY, help="operator private key (default: %(default)s)")
-    parser.add_argument("--known-hosts", type=Path, default=DEFAULT_KNOWN_HOSTS, help="default: %(default)s")
+    parser.add_argument("--key", type=Path, help=KEY_HELP)
+    parser.add_argument("--known-hosts", type=Path, default=default_known_hosts(), help="default: %(default)s")
     parser.add_argument("--strict", action="store_true", help="refuse hosts not yet in the known_hosts file")
     parser.add_argument("--timeout", type=float, default=timeout, help="seconds per request (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the agent's answer as JSON")
@@ -230,8 +233,12 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
 
 
 def node_connector(args: argparse.Namespace) -> Callable[[NodeAddress], Node]:
+    """Nodes reached with the operator's keys; an explicit key is checked (and its passphrase asked) once, now."""
+    keyring = Keyring.for_operator(args.key)
+    keyring.check()
+
     def connect(address: NodeAddress) -> Node:
-        return Node(address, args.key, args.known_hosts, args.strict, args.timeout)
+        return Node(address, keyring, args.known_hosts, args.strict, args.timeout)
 
     return connect
 

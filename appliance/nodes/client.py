@@ -3,12 +3,12 @@
 The node's key forces `appliance-agent serve`, so the channel speaks the
 agent's JSON-RPC lines. Host keys are checked against a project known_hosts
 file: a new host is recorded on first contact unless strict; a changed key is
-always refused, naming both fingerprints.
+always refused, naming both fingerprints. Operator keys come from
+appliance.nodes.keys, in ssh's order.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import itertools
 import json
@@ -21,30 +21,42 @@ from typing import Any
 import paramiko
 
 from appliance.nodes.errors import (
+    AddressError,
     AgentCallError,
     AuthenticationError,
     ConnectionLostError,
     HostKeyError,
+    KeyFileError,
     NodeError,
     NodeTimeoutError,
 )
+from appliance.nodes.keys import KeyOffer, Keyring, fingerprint
 
 __all__ = [
     "AgentCallError",
     "AuthenticationError",
     "ConnectionLostError",
     "HostKeyError",
+    "KeyFileError",
     "Node",
     "NodeAddress",
     "NodeError",
     "NodeTimeoutError",
+    "default_known_hosts",
     "fingerprint",
     "parse_address",
 ]
 
 AGENT_COMMAND = "appliance-agent serve"
 CHUNK = 1 << 20
-DEFAULT_KNOWN_HOSTS = Path.home() / ".config" / "appliance" / "known_hosts"
+
+
+def default_known_hosts() -> Path:
+    return Path.home() / ".config" / "appliance" / "known_hosts"
+
+
+def default_ssh_config() -> Path:
+    return Path.home() / ".ssh" / "config"
 
 
 @dataclass(frozen=True)
@@ -52,52 +64,66 @@ class NodeAddress:
     host: str
     port: int = 22
     user: str = "appliance"
+    identity_files: tuple[Path, ...] = ()  # from ~/.ssh/config, offered when no --key is given
+    identities_only: bool = False  # ~/.ssh/config's IdentitiesOnly: no ssh-agent keys besides those files
 
     @property
     def known_hosts_name(self) -> str:
         return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
 
 
-DEFAULT_SSH_CONFIG = Path.home() / ".ssh" / "config"
-
-
-def parse_address(text: str, ssh_config: Path = DEFAULT_SSH_CONFIG) -> NodeAddress:
-    """`[user@]host[:port]`, where host may be an alias from ~/.ssh/config."""
+def parse_address(text: str, ssh_config: Path | None = None) -> NodeAddress:
+    """`[user@]host[:port]`, where host may be an alias from ~/.ssh/config (HostName, User, Port and
+    IdentityFile honoured, `~` expanded, as ssh does); what the text says wins over the config."""
     user, _, rest = text.rpartition("@")
     host, _, port_text = rest.partition(":")
-    if not host or (port_text and not port_text.isdigit()):
-        raise NodeError(f"not a node address: {text!r} (expected [user@]host[:port])")
+    if not host or (port_text and not valid_port(port_text)):
+        raise AddressError(f"not a node address: {text!r} (expected [user@]host[:port], port 1-65535)")
+    config = ssh_config or default_ssh_config()
     resolved_host, resolved_port, resolved_user = host, 22, "appliance"
-    if ssh_config.is_file():
-        entry = paramiko.SSHConfig.from_path(str(ssh_config)).lookup(host)
+    identity_files: tuple[Path, ...] = ()
+    identities_only = False
+    if config.is_file():
+        try:
+            entry = paramiko.SSHConfig.from_path(str(config)).lookup(host)
+        except (paramiko.SSHException, OSError, ValueError) as error:
+            raise AddressError(f"cannot read {config}: {error}") from error
         resolved_host = entry.get("hostname", host)
-        resolved_port = int(entry.get("port", 22))
         resolved_user = entry.get("user", resolved_user)
+        config_port = entry.get("port", "22")
+        if not valid_port(config_port):
+            raise AddressError(f"{config}: Port {config_port!r} for {host} is not a port (1-65535)")
+        resolved_port = int(config_port)
+        identity_files = tuple(Path(name).expanduser() for name in entry.get("identityfile", []))
+        identities_only = entry.get("identitiesonly", "no").lower() == "yes"
     return NodeAddress(
         host=resolved_host,
         port=int(port_text) if port_text else resolved_port,
         user=user or resolved_user,
+        identity_files=identity_files,
+        identities_only=identities_only,
     )
 
 
-def fingerprint(key: paramiko.PKey) -> str:
-    """OpenSSH's SHA256 fingerprint of a public key."""
-    digest = hashlib.sha256(key.asbytes()).digest()
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+def valid_port(text: str) -> bool:
+    return text.isdigit() and 1 <= int(text) <= 65535
 
 
 class Node:
+    """One SSH connection to a node's agent. KEY is a Keyring (the CLI's), a key file, or None for ssh's
+    order of keys (see appliance.nodes.keys)."""
+
     def __init__(
         self,
         address: NodeAddress,
-        key_path: Path,
-        known_hosts: Path = DEFAULT_KNOWN_HOSTS,
+        key: Keyring | Path | None = None,
+        known_hosts: Path | None = None,
         strict: bool = False,
         timeout: float = 30.0,
     ) -> None:
         self.address = address
-        self.key_path = key_path
-        self.known_hosts = known_hosts
+        self.keyring = key if isinstance(key, Keyring) else Keyring(key)
+        self.known_hosts = known_hosts or default_known_hosts()
         self.strict = strict
         self.timeout = timeout
         self._transport: paramiko.Transport | None = None
@@ -113,31 +139,55 @@ class Node:
         self.close()
 
     def connect(self) -> None:
-        try:
-            sock = socket.create_connection((self.address.host, self.address.port), timeout=self.timeout)
-        except OSError as error:
-            raise ConnectionLostError(f"cannot reach {self.address.host}:{self.address.port}: {error}") from error
-        transport = paramiko.Transport(sock)
-        try:
-            transport.start_client(timeout=self.timeout)
-            self._check_host_key(transport.get_remote_server_key())
-            key = paramiko.PKey.from_path(self.key_path)
+        with self.keyring.offers(self.address.identity_files, self.address.identities_only) as offers:
+            if not offers:
+                raise KeyFileError(self.keyring.no_key_message(self.address.identity_files))
+            try:
+                sock = socket.create_connection((self.address.host, self.address.port), timeout=self.timeout)
+            except OSError as error:
+                raise ConnectionLostError(f"cannot reach {self.address.host}:{self.address.port}: {error}") from error
+            transport = paramiko.Transport(sock)
+            try:
+                transport.start_client(timeout=self.timeout)
+                self._check_host_key(transport.get_remote_server_key())
+                self._authenticate(transport, offers)
+                channel = transport.open_session(timeout=self.timeout)
+                channel.settimeout(self.timeout)
+                channel.exec_command(AGENT_COMMAND)
+            except NodeError:
+                transport.close()
+                raise
+            except (paramiko.SSHException, OSError) as error:
+                transport.close()
+                raise ConnectionLostError(f"SSH to {self.address.host}:{self.address.port} failed: {error}") from error
+        self._transport, self._channel = transport, channel
+
+    def _authenticate(self, transport: paramiko.Transport, offers: list[KeyOffer]) -> None:
+        target = f"{self.address.user}@{self.address.host}"
+        refused: list[str] = []
+        unusable: list[KeyFileError] = []
+        for offer in offers:
+            try:
+                key = offer.load()
+            except KeyFileError as error:
+                if len(offers) == 1:
+                    raise
+                # Another key may do: ssh too skips a key it cannot use, and says so if none works.
+                unusable.append(error)
+                continue
             try:
                 transport.auth_publickey(self.address.user, key)
-            except paramiko.AuthenticationException as error:
+                return
+            except paramiko.BadAuthenticationType as error:
                 raise AuthenticationError(
-                    f"{self.address.user}@{self.address.host} refused key {self.key_path}"
+                    f"{target} accepts no keys (it offers {', '.join(error.allowed_types) or 'nothing'})"
                 ) from error
-            channel = transport.open_session(timeout=self.timeout)
-            channel.settimeout(self.timeout)
-            channel.exec_command(AGENT_COMMAND)
-        except NodeError:
-            transport.close()
-            raise
-        except (paramiko.SSHException, OSError) as error:
-            transport.close()
-            raise ConnectionLostError(f"SSH to {self.address.host}:{self.address.port} failed: {error}") from error
-        self._transport, self._channel = transport, channel
+            except paramiko.AuthenticationException:
+                refused.append(offer.label)
+        said = f"{target} refused key {', '.join(refused)}" if refused else f"{target}: no key could be offered"
+        if unusable:
+            raise KeyFileError(f"{said}; {'; '.join(str(error) for error in unusable)}")
+        raise AuthenticationError(said)
 
     def _check_host_key(self, key: paramiko.PKey) -> None:
         known = paramiko.HostKeys()

@@ -6,13 +6,25 @@ boundary (appliance.nodes.client), so none reaches the CLI as a traceback.
 
 from __future__ import annotations
 
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, UsageError
 
 
 class NodeError(ApplianceError):
     """Base of every failure talking to a node."""
 
     code = "node_error"
+
+
+class AddressError(NodeError, UsageError):
+    """A node address (or ~/.ssh/config) that cannot be used."""
+
+    code = "usage"
+
+
+class KeyFileError(NodeError, UsageError):
+    """An operator key that cannot be used: missing, a public key, unreadable, or its passphrase not given."""
+
+    code = "key_file"
 
 
 class AuthenticationError(NodeError):
