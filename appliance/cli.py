@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 from appliance import __version__
 from appliance.boot.boot import DEFAULT_DISK_GIB, BootRequest, boot
@@ -16,8 +17,9 @@ from appliance.build.dib import DEFAULT_CACHE_DIR
 from appliance.build.pipeline import build, read_key_files
 from appliance.deploy.flash import FlashError, flash
 from appliance.deploy.pxe_server import CHAIN_SCRIPT, read_pxe_set, start_pxe_server
-from appliance.errors import EXIT_FAILED, EXIT_USAGE, ApplianceError
+from appliance.errors import EXIT_FAILED, EXIT_USAGE, ApplianceError, UsageError
 from appliance.nodes.client import Node, NodeAddress, default_known_hosts, parse_address
+from appliance.nodes.errors import AgentCallError
 from appliance.nodes.fleet import DEFAULT_CONCURRENCY, HostOutcome, fan_out, load_inventory
 from appliance.nodes.keys import ENV_KEY, ENV_PASSPHRASE, Keyring
 from appliance.progress import Progress
@@ -35,6 +37,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
+class CommandLineError(UsageError):
+    """What argparse refuses, raised rather than exiting, so `--json` can print it as JSON too."""
+
+    def __init__(self, usage: str, message: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise CommandLineError(self.format_usage(), f"{self.prog}: error: {message}")
+
+
 def whole_gib(text: str) -> int:
     """A disk size for argparse: a whole number of GiB, at least 1."""
     try:
@@ -47,7 +62,8 @@ def whole_gib(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    # Typed as argparse's own: its subparsers are made of the same class, CommandLineError included.
+    parser: argparse.ArgumentParser = ArgumentParser(
         prog="appliance",
         formatter_class=HelpFormatter,
         description="Build a minimal hypervisor appliance image (kernel, KVM, QEMU, agent) and boot it.",
@@ -224,7 +240,11 @@ def add_key_options(parser: argparse.ArgumentParser, timeout: float) -> None:
     parser.add_argument("--known-hosts", type=Path, default=default_known_hosts(), help="default: %(default)s")
     parser.add_argument("--strict", action="store_true", help="refuse hosts not yet in the known_hosts file")
     parser.add_argument("--timeout", type=float, default=timeout, help="seconds per request (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print the agent's answer as JSON")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='print the agent\'s answer as JSON; a failure as {"error": {"code": ..., "message": ...}}',
+    )
 
 
 def add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -583,15 +603,38 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+    except CommandLineError as error:
+        sys.stderr.write(error.usage)
+        print(error, file=sys.stderr)
+        if "--json" in argv:
+            print(error_json(error))
+        return error.exit_code
+    as_json = bool(getattr(args, "json", False))
     try:
         return COMMANDS[args.verb](args)
     except ApplianceError as error:
         print(f"appliance: {error}", file=sys.stderr)
+        if as_json:
+            print(error_json(error))
         return error.exit_code
     except KeyboardInterrupt:
         print("appliance: interrupted", file=sys.stderr)
+        if as_json:
+            print(json.dumps({"error": {"code": "interrupted", "message": "interrupted"}}))
         return EXIT_INTERRUPTED
+
+
+def error_json(error: ApplianceError) -> str:
+    """A failure for scripts: the agent's stable code and message when the agent answered, else the client's."""
+    body: dict[str, Any] = {"code": error.code, "message": str(error)}
+    if isinstance(error, AgentCallError):
+        body["message"] = error.message
+        if error.details:
+            body["details"] = error.details
+    return json.dumps({"error": body}, sort_keys=True)
 
 
 if __name__ == "__main__":

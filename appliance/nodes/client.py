@@ -273,7 +273,9 @@ class Node:
             raise ConnectionLostError(f"{method}: connection to {self.address.host} lost: {error}") from error
         if "error" in reply:
             failure = reply["error"]
-            raise AgentCallError(str(failure.get("data", {}).get("code", "unknown")), str(failure.get("message", "")))
+            data = failure.get("data") or {}
+            details = {key: value for key, value in data.items() if key != "code"}
+            raise AgentCallError(str(data.get("code", "unknown")), str(failure.get("message", "")), details)
         return reply["result"]
 
     def _read_line(self) -> bytes:

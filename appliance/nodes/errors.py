@@ -6,6 +6,8 @@ boundary (appliance.nodes.client), so none reaches the CLI as a traceback.
 
 from __future__ import annotations
 
+from typing import Any
+
 from appliance.errors import ApplianceError, UsageError
 
 
@@ -52,9 +54,10 @@ class ConnectionLostError(NodeError):
 
 
 class AgentCallError(NodeError):
-    """The agent answered with an error; `code` is its stable name."""
+    """The agent answered with an error; `code` is its stable name, `details` the rest of its error data."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.details = details or {}

@@ -32,6 +32,7 @@ class HostOutcome:
     ok: bool
     result: Any = None
     reason: str = ""
+    code: str = ""  # the failure's stable code, as `--json` errors carry it
 
 
 def entry_from_vars(name: str, variables: dict[str, Any]) -> HostEntry:
@@ -117,7 +118,7 @@ def fan_out(
             with connect(entry.address) as node:
                 return HostOutcome(entry.name, True, node.call(method, idempotent=True))
         except NodeError as error:
-            return HostOutcome(entry.name, False, reason=str(error))
+            return HostOutcome(entry.name, False, reason=str(error), code=error.code)
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         return list(pool.map(ask, entries))

@@ -176,3 +176,31 @@ def test_a_lost_connection_is_retried_once_for_reads_and_never_for_writes(
         node._transport.close()
         with pytest.raises(ConnectionLostError):
             node.call("guest.create", {"name": "once", "memory_mib": 32})
+
+
+def test_json_failures_are_one_json_object_with_the_agents_code_or_the_clients(
+    sshd: Sshd, keys: Path, tmp_path: Path
+) -> None:
+    host = f"root@127.0.0.1:{sshd.port}"
+    common = ["--key", str(keys), "--known-hosts", str(tmp_path / "known_hosts"), "--json"]
+    missing = run_cli("guest", "info", host, "ghost", *common)
+    assert missing.returncode == 1
+    error = json.loads(missing.stdout)["error"]
+    assert error["code"] == "guest_not_found" and "ghost" in error["message"]
+    assert not error["message"].startswith("guest_not_found")
+    invalid = run_cli("guest", "create", host, "no/slash", "--memory", "64", *common)
+    assert invalid.returncode == 1
+    assert json.loads(invalid.stdout)["error"]["details"] == {"field": "name"}
+    stranger = make_key(tmp_path, "stranger")
+    refused = run_cli("node", "report", host, *common[2:], "--key", str(stranger))
+    assert refused.returncode == 1 and json.loads(refused.stdout)["error"]["code"] == "auth_failed"
+    strict = run_cli("guest", "list", host, "--key", str(keys), "--known-hosts", str(tmp_path / "kh2"),
+                     "--strict", "--json")  # fmt: skip
+    assert strict.returncode == 1 and json.loads(strict.stdout)["error"]["code"] == "host_key"
+    usage = run_cli("guest", "info", host, "--json")
+    assert usage.returncode == 2 and json.loads(usage.stdout)["error"]["code"] == "usage"
+    assert "the following arguments are required: name" in usage.stderr
+    public = run_cli("image", "list", host, *common, "--key", str(keys) + ".pub")
+    assert public.returncode == 2 and json.loads(public.stdout)["error"]["code"] == "key_file"
+    for result in (missing, invalid, refused, strict, usage, public):
+        assert len(result.stdout.splitlines()) == 1 and "Traceback" not in result.stderr
