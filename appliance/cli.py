@@ -239,7 +239,12 @@ def add_key_options(parser: argparse.ArgumentParser, timeout: float) -> None:
     parser.add_argument("--key", type=Path, help=KEY_HELP)
     parser.add_argument("--known-hosts", type=Path, default=default_known_hosts(), help="default: %(default)s")
     parser.add_argument("--strict", action="store_true", help="refuse hosts not yet in the known_hosts file")
-    parser.add_argument("--timeout", type=float, default=timeout, help="seconds per request (default: %(default)s)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=timeout,
+        help="seconds for each step: TCP connect, SSH handshake, authentication, each request (default: %(default)s)",
+    )
     parser.add_argument(
         "--json",
         action="store_true",

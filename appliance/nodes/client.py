@@ -5,6 +5,13 @@ agent's JSON-RPC lines. Host keys are checked against a project known_hosts
 file: a new host is recorded on first contact unless strict; a changed key is
 always refused, naming both fingerprints. Operator keys come from
 appliance.nodes.keys, in ssh's order.
+
+The timeout covers each step: the TCP connect, the SSH banner and key
+exchange, authentication, opening the channel, and each request. A refused
+or reset connection, or one dropped before the SSH banner (sshd past its
+MaxStartups drops new connections while busy), is tried again a few times
+before the node is called unreachable. Every paramiko and socket error
+becomes one of appliance.nodes.errors here.
 """
 
 from __future__ import annotations
@@ -12,7 +19,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import socket
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +39,7 @@ from appliance.nodes.errors import (
     KeyFileError,
     NodeError,
     NodeTimeoutError,
+    UnreachableError,
 )
 from appliance.nodes.keys import KeyOffer, Keyring, fingerprint
 
@@ -42,13 +53,21 @@ __all__ = [
     "NodeAddress",
     "NodeError",
     "NodeTimeoutError",
+    "UnreachableError",
     "default_known_hosts",
     "fingerprint",
     "parse_address",
 ]
 
+# paramiko's transport thread logs each failure at ERROR, traceback included; with no logging set up,
+# Python prints that on stderr. The failure reaches the caller as a NodeError: the log goes where the
+# application sends its logs, or nowhere.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+
 AGENT_COMMAND = "appliance-agent serve"
 CHUNK = 1 << 20
+CONNECT_TRIES = 3
+RETRY_BACKOFF_SECONDS = 0.5  # doubled after each try
 
 
 def default_known_hosts() -> Path:
@@ -70,6 +89,10 @@ class NodeAddress:
     @property
     def known_hosts_name(self) -> str:
         return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
 
 
 def parse_address(text: str, ssh_config: Path | None = None) -> NodeAddress:
@@ -142,13 +165,8 @@ class Node:
         with self.keyring.offers(self.address.identity_files, self.address.identities_only) as offers:
             if not offers:
                 raise KeyFileError(self.keyring.no_key_message(self.address.identity_files))
+            transport = self._open_transport()
             try:
-                sock = socket.create_connection((self.address.host, self.address.port), timeout=self.timeout)
-            except OSError as error:
-                raise ConnectionLostError(f"cannot reach {self.address.host}:{self.address.port}: {error}") from error
-            transport = paramiko.Transport(sock)
-            try:
-                transport.start_client(timeout=self.timeout)
                 self._check_host_key(transport.get_remote_server_key())
                 self._authenticate(transport, offers)
                 channel = transport.open_session(timeout=self.timeout)
@@ -157,10 +175,71 @@ class Node:
             except NodeError:
                 transport.close()
                 raise
-            except (paramiko.SSHException, OSError) as error:
+            except (paramiko.SSHException, OSError, EOFError) as error:
                 transport.close()
-                raise ConnectionLostError(f"SSH to {self.address.host}:{self.address.port} failed: {error}") from error
+                if is_timeout(error):
+                    raise NodeTimeoutError(
+                        f"SSH session with {self.address.where}: no answer within {self.timeout:g}s"
+                    ) from error
+                raise ConnectionLostError(f"SSH session with {self.address.where} failed: {describe(error)}") from error
         self._transport, self._channel = transport, channel
+
+    def _open_transport(self) -> paramiko.Transport:
+        """TCP and the SSH handshake, tried again when the node refuses, resets or drops the connection."""
+        reason = ""
+        for attempt in range(1, CONNECT_TRIES + 1):
+            try:
+                return self._handshake()
+            except _TryAgain as again:
+                reason = again.reason
+            if attempt < CONNECT_TRIES:
+                time.sleep(RETRY_BACKOFF_SECONDS * 2 ** (attempt - 1))
+        raise UnreachableError(f"cannot reach {self.address.where} after {CONNECT_TRIES} tries: {reason}")
+
+    def _handshake(self) -> paramiko.Transport:
+        where = self.address.where
+        try:
+            sock = socket.create_connection((self.address.host, self.address.port), timeout=self.timeout)
+        except TimeoutError as error:
+            raise NodeTimeoutError(f"cannot reach {where}: no TCP answer within {self.timeout:g}s") from error
+        except (ConnectionRefusedError, ConnectionResetError) as error:
+            raise _TryAgain(describe(error)) from error
+        except socket.gaierror as error:
+            raise UnreachableError(
+                f"cannot reach {where}: cannot resolve {self.address.host}: {error.strerror}"
+            ) from error
+        except OSError as error:
+            raise UnreachableError(f"cannot reach {where}: {describe(error)}") from error
+        try:
+            transport = paramiko.Transport(sock)
+        except (paramiko.SSHException, OSError) as error:
+            sock.close()
+            raise _TryAgain(describe(error)) from error
+        # Our own wait below decides; paramiko's timers are set past it, as a backstop.
+        transport.banner_timeout = transport.handshake_timeout = self.timeout + 5
+        transport.auth_timeout = self.timeout
+        done = threading.Event()
+        try:
+            transport.start_client(event=done)
+        except (paramiko.SSHException, OSError) as error:
+            transport.close()
+            raise _TryAgain(describe(error)) from error
+        if not done.wait(self.timeout):
+            banner = bool(transport.remote_version)
+            transport.close()
+            what = "finished no SSH key exchange" if banner else "sent no SSH banner"
+            raise NodeTimeoutError(
+                f"{where} accepted the connection but {what} within {self.timeout:g}s "
+                "(a busy node may need a longer --timeout)"
+            )
+        if not transport.is_active():
+            failure = transport.get_exception()
+            transport.close()
+            if failure is None or dropped(failure):
+                raise _TryAgain("the connection was closed before the SSH handshake (a busy sshd drops new "
+                                "connections past its MaxStartups)")  # fmt: skip
+            raise UnreachableError(f"SSH handshake with {where} failed: {describe(failure)}") from failure
+        return transport
 
     def _authenticate(self, transport: paramiko.Transport, offers: list[KeyOffer]) -> None:
         target = f"{self.address.user}@{self.address.host}"
@@ -182,7 +261,9 @@ class Node:
                 raise AuthenticationError(
                     f"{target} accepts no keys (it offers {', '.join(error.allowed_types) or 'nothing'})"
                 ) from error
-            except paramiko.AuthenticationException:
+            except paramiko.AuthenticationException as error:
+                if is_timeout(error):
+                    raise NodeTimeoutError(f"{target}: no answer to authentication within {self.timeout:g}s") from error
                 refused.append(offer.label)
         said = f"{target} refused key {', '.join(refused)}" if refused else f"{target}: no key could be offered"
         if unusable:
@@ -192,15 +273,21 @@ class Node:
     def _check_host_key(self, key: paramiko.PKey) -> None:
         known = paramiko.HostKeys()
         if self.known_hosts.exists():
-            known.load(str(self.known_hosts))
+            try:
+                known.load(str(self.known_hosts))
+            except (OSError, paramiko.SSHException, ValueError) as error:
+                raise HostKeyError(f"cannot read {self.known_hosts}: {error}") from error
         name = self.address.known_hosts_name
         recorded = known.lookup(name)
         if recorded is None:
             if self.strict:
                 raise HostKeyError(f"{name} is not in {self.known_hosts} (strict): its key is {fingerprint(key)}")
-            self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-            known.add(name, key.get_name(), key)
-            known.save(str(self.known_hosts))
+            try:
+                self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+                known.add(name, key.get_name(), key)
+                known.save(str(self.known_hosts))
+            except OSError as error:
+                raise HostKeyError(f"cannot record {name} in {self.known_hosts}: {error.strerror}") from error
             return
         expected = recorded.get(key.get_name())
         if expected is None or expected.asbytes() != key.asbytes():
@@ -267,10 +354,13 @@ class Node:
                 send_data(self._channel)
             reply = json.loads(self._read_line())
         except TimeoutError as error:
-            raise NodeTimeoutError(f"{method}: no answer within {self.timeout:.0f}s") from error
+            raise NodeTimeoutError(f"{method}: no answer within {self.timeout:g}s") from error
         except (OSError, paramiko.SSHException, EOFError) as error:
             self.close()
-            raise ConnectionLostError(f"{method}: connection to {self.address.host} lost: {error}") from error
+            raise ConnectionLostError(f"{method}: connection to {self.address.host} lost: {describe(error)}") from error
+        except ValueError as error:
+            self.close()
+            raise ConnectionLostError(f"{method}: {self.address.host} answered with no JSON: {error}") from error
         if "error" in reply:
             failure = reply["error"]
             data = failure.get("data") or {}
@@ -287,3 +377,40 @@ class Node:
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
         return line
+
+
+class _TryAgain(Exception):
+    """Inside _open_transport only: this try failed in a way a later one may not."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def causes(error: BaseException) -> list[BaseException]:
+    """ERROR and what it was raised from or during (paramiko wraps socket errors in SSHException)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def dropped(error: BaseException) -> bool:
+    """The node closed or reset the connection (as sshd does to connections past MaxStartups)."""
+    return any(isinstance(cause, EOFError | ConnectionResetError | ConnectionAbortedError | BrokenPipeError)
+               for cause in causes(error))  # fmt: skip
+
+
+def is_timeout(error: BaseException) -> bool:
+    if any(isinstance(cause, TimeoutError) for cause in causes(error)):
+        return True
+    return "timeout" in str(error).lower()  # paramiko's "Authentication timeout.", "Timeout opening channel."
+
+
+def describe(error: BaseException) -> str:
+    """A one-line reason: the OS's words for socket errors, paramiko's message otherwise."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror.lower()
+    return str(error) or type(error).__name__

@@ -48,9 +48,15 @@ class NodeTimeoutError(NodeError):
 
 
 class ConnectionLostError(NodeError):
-    """The connection could not be made or broke while in use."""
+    """The connection broke while in use."""
 
     code = "connection_lost"
+
+
+class UnreachableError(ConnectionLostError):
+    """The connection could not be made (refused, reset, dropped before the handshake) after the retries."""
+
+    code = "connection_failed"
 
 
 class AgentCallError(NodeError):

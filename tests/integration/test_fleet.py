@@ -85,4 +85,5 @@ def test_fleet_report_names_the_dead_node_and_reports_the_live_ones(
                              capture_output=True, text=True, check=False)  # fmt: skip
     outcomes = {outcome["name"]: outcome for outcome in json.loads(as_json.stdout)}
     assert outcomes[dead]["ok"] is False
+    assert outcomes[dead]["code"] == "connection_failed"
     assert [outcome["result"] for name, outcome in outcomes.items() if name != dead] == [[], []]
