@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -17,8 +18,8 @@ from appliance.build.dib import DEFAULT_CACHE_DIR
 from appliance.build.pipeline import build, read_key_files
 from appliance.deploy.flash import FlashError, flash
 from appliance.deploy.pxe_server import CHAIN_SCRIPT, read_pxe_set, start_pxe_server
-from appliance.errors import EXIT_FAILED, EXIT_USAGE, ApplianceError, UsageError
-from appliance.nodes.client import Node, NodeAddress, default_known_hosts, parse_address
+from appliance.errors import EXIT_FAILED, ApplianceError, UsageError
+from appliance.nodes.client import Node, NodeAddress, check_image_upload, default_known_hosts, parse_address
 from appliance.nodes.errors import AgentCallError
 from appliance.nodes.fleet import DEFAULT_CONCURRENCY, HostOutcome, fan_out, load_inventory
 from appliance.nodes.keys import ENV_KEY, ENV_PASSPHRASE, Keyring
@@ -268,7 +269,16 @@ def node_connector(args: argparse.Namespace) -> Callable[[NodeAddress], Node]:
     return connect
 
 
-GUEST_VERBS = ("start", "stop", "kill", "reboot", "pause", "resume", "info", "console")
+GUEST_VERBS = {
+    "start": "start a guest",
+    "stop": "stop a guest: ACPI power-down, forced off if it does not go in time",
+    "kill": "power a guest off at once, without a shutdown",
+    "reboot": "reset a guest at once, like a reset button (no shutdown)",
+    "pause": "pause a guest's vCPUs (it keeps its memory)",
+    "resume": "resume a paused guest",
+    "info": "show a guest's details",
+    "console": "show a guest's console (its recent serial output)",
+}
 
 
 def add_node_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -290,8 +300,8 @@ def add_node_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     guest_verbs = guest.add_subparsers(dest="guest_verb", required=True, metavar="VERB")
     add_connection_options(guest_verbs.add_parser("list", help="every guest and its state"))
-    for verb in GUEST_VERBS:
-        parser = guest_verbs.add_parser(verb, help=f"{verb} a guest")
+    for verb, what in GUEST_VERBS.items():
+        parser = guest_verbs.add_parser(verb, help=what)
         add_connection_options(parser)
         parser.add_argument("name")
     delete = guest_verbs.add_parser("delete", help="delete a guest (its disks are kept aside unless --remove-disks)")
@@ -329,16 +339,20 @@ def add_image_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def cmd_image(args: argparse.Namespace) -> int:
-    with node_connector(args)(parse_address(args.host)) as node:
+    address = parse_address(args.host)
+    if args.image_verb == "push":
+        # Before connecting: a wrong file or name costs nothing.
+        check_image_upload(args.file, args.name or args.file.name)
+    with node_connector(args)(address) as node:
         if args.image_verb == "push":
-            if not args.file.is_file():
-                print(f"appliance: no such file: {args.file}", file=sys.stderr)
-                return EXIT_USAGE
+            name = args.name or args.file.name
+            node.check_push(args.file, name)
             progress = Progress(sys.stderr, interactive=sys.stderr.isatty())
             with progress.step(f"push {args.file}"):
                 result = node.push_image(
-                    args.file, args.name or args.file.name,
+                    args.file, name,
                     lambda sent, size: progress.detail(f"{sent * 100 // max(size, 1)}% of {size / 1e6:.1f} MB"),
+                    checked=True,
                 )  # fmt: skip
         elif args.image_verb == "list":
             result = node.call("image.list", idempotent=True)
@@ -346,9 +360,24 @@ def cmd_image(args: argparse.Namespace) -> int:
             result = node.call("image.delete", {"name": args.name})
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
+    elif args.image_verb == "list":
+        print(format_table([image_row(image) for image in result]))
     else:
         print(format_table(result if isinstance(result, list) else [result]))
     return EXIT_OK
+
+
+def image_row(image: dict[str, object]) -> dict[str, object]:
+    """An image as people read the list: its name first, the date as a date."""
+    return {"name": image.get("name"), "size_bytes": image.get("size_bytes"),
+            "created": human_time(image.get("created")), "sha256": image.get("sha256")}  # fmt: skip
+
+
+def human_time(epoch: object) -> str:
+    """A timestamp as people read it, in local time (JSON keeps the number)."""
+    if not isinstance(epoch, int | float):
+        return str(epoch)
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
 def add_fleet_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -30,12 +30,17 @@ from typing import Any
 
 import paramiko
 
+from appliance.agent.model import check_name
+from appliance.agent.protocol import AgentError
 from appliance.nodes.errors import (
     AddressError,
     AgentCallError,
     AuthenticationError,
     ConnectionLostError,
     HostKeyError,
+    ImageExistsError,
+    ImageFileError,
+    ImageNameError,
     KeyFileError,
     NodeError,
     NodeTimeoutError,
@@ -48,12 +53,14 @@ __all__ = [
     "AuthenticationError",
     "ConnectionLostError",
     "HostKeyError",
+    "ImageExistsError",
     "KeyFileError",
     "Node",
     "NodeAddress",
     "NodeError",
     "NodeTimeoutError",
     "UnreachableError",
+    "check_image_upload",
     "default_known_hosts",
     "fingerprint",
     "parse_address",
@@ -130,6 +137,23 @@ def parse_address(text: str, ssh_config: Path | None = None) -> NodeAddress:
 
 def valid_port(text: str) -> bool:
     return text.isdigit() and 1 <= int(text) <= 65535
+
+
+def check_image_upload(path: Path, name: str) -> None:
+    """What `image push` can tell before contacting the node: a readable file, a name the agent takes."""
+    if path.is_dir():
+        raise ImageFileError(f"{path} is a directory: give an image file")
+    try:
+        with path.open("rb"):
+            pass
+    except FileNotFoundError as error:
+        raise ImageFileError(f"no such file: {path}") from error
+    except OSError as error:
+        raise ImageFileError(f"cannot read {path}: {error.strerror}") from error
+    try:
+        check_name(name)
+    except AgentError as error:
+        raise ImageNameError(f"image name {name!r}: {error.message} (give another with --name)") from error
 
 
 class Node:
@@ -320,13 +344,30 @@ class Node:
             self.connect()
             return self._call_once(method, params)
 
-    def push_image(self, path: Path, name: str, progress: Callable[[int, int], None] | None = None) -> Any:
-        """Stream a local image file to the node's image store; the node checks size and sha256."""
-        size = path.stat().st_size
-        digest = hashlib.sha256()
-        with path.open("rb") as source:
-            for block in iter(lambda: source.read(CHUNK), b""):
-                digest.update(block)
+    def check_push(self, path: Path, name: str) -> None:
+        """Whether push_image can go ahead, before a byte is read: the file, the name, and whether the
+        node already has an image of that name (an upload of many GB would only then be refused)."""
+        check_image_upload(path, name)
+        if any(image.get("name") == name for image in self.call("image.list", idempotent=True)):
+            raise ImageExistsError(
+                f"image_exists: {self.address.host} already has an image named {name!r} (delete it first)"
+            )
+
+    def push_image(
+        self, path: Path, name: str, progress: Callable[[int, int], None] | None = None, *, checked: bool = False
+    ) -> Any:
+        """Stream a local image file to the node's image store; the node checks size and sha256.
+        check_push runs first unless the caller says it has (`checked`)."""
+        if not checked:
+            self.check_push(path, name)
+        try:
+            size = path.stat().st_size
+            digest = hashlib.sha256()
+            with path.open("rb") as source:
+                for block in iter(lambda: source.read(CHUNK), b""):
+                    digest.update(block)
+        except OSError as error:
+            raise ImageFileError(f"cannot read {path}: {error.strerror}") from error
         params = {"name": name, "size_bytes": size, "sha256": digest.hexdigest()}
 
         def send_data(channel: paramiko.Channel) -> None:

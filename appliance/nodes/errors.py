@@ -59,6 +59,12 @@ class UnreachableError(ConnectionLostError):
     code = "connection_failed"
 
 
+class ImageExistsError(NodeError):
+    """image push: the node already has an image of that name (checked before uploading)."""
+
+    code = "image_exists"
+
+
 class AgentCallError(NodeError):
     """The agent answered with an error; `code` is its stable name, `details` the rest of its error data."""
 
@@ -67,3 +73,15 @@ class AgentCallError(NodeError):
         self.code = code
         self.message = message
         self.details = details or {}
+
+
+class ImageFileError(NodeError, UsageError):
+    """image push: the local file cannot be pushed (missing, a directory, unreadable)."""
+
+    code = "usage"
+
+
+class ImageNameError(NodeError, UsageError):
+    """image push: a name the agent would refuse (its rule, checked before uploading)."""
+
+    code = "invalid_params"
