@@ -21,7 +21,8 @@ from appliance.deploy.pxe_server import CHAIN_SCRIPT, read_pxe_set, start_pxe_se
 from appliance.errors import EXIT_FAILED, ApplianceError, UsageError
 from appliance.nodes.client import Node, NodeAddress, check_image_upload, default_known_hosts, parse_address
 from appliance.nodes.errors import AgentCallError
-from appliance.nodes.fleet import DEFAULT_CONCURRENCY, HostOutcome, fan_out, load_inventory
+from appliance.nodes.fleet import DEFAULT_CONCURRENCY, HostOutcome, fan_out
+from appliance.nodes.inventory import load_inventory
 from appliance.nodes.keys import ENV_KEY, ENV_PASSPHRASE, Keyring
 from appliance.progress import Progress
 from appliance.spec import default_spec_text, load_spec
