@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serial console to DIR/run/serial.log,\n"
         "SSH forwarded to a free port on 127.0.0.1. Without --wait the console is shown until Ctrl-C.\n"
         "With --media disk the node's disk is DIR/run/disk.qcow2, copy-on-write over NAME.raw and kept\n"
-        "from boot to boot (data and SSH host key survive) until the build changes or --fresh-disk.\n"
+        "from boot to boot (data and SSH host key survive) until the build changes or --fresh-disk;\n"
+        "it names NAME.raw relative to itself, so a copy of DIR boots its own image.\n"
         "With --media pxe QEMU's own DHCP and TFTP hand the NIC's iPXE the chain script, and the PXE set\n"
         "is served over HTTP on 127.0.0.1 (as `appliance pxe serve` does) until the node is ready.",
         epilog="example:\n"

@@ -3,8 +3,10 @@
 From the ISO, or from the disk image: then the node's disk is a copy-on-write
 overlay in DIR/run/ over NAME.raw, kept from boot to boot like a real disk
 (the data partition and SSH host key survive) until the build changes or
---fresh-disk asks for a new one. --extra-disk adds a second disk, blank when
-made, for a node that claims one ([storage] claim_blank_disk).
+--fresh-disk asks for a new one. The overlay names NAME.raw relative to
+itself, so a copied build directory boots its own image; an overlay over
+another directory's image is replaced. --extra-disk adds a second disk,
+blank when made, for a node that claims one ([storage] claim_blank_disk).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from appliance.boot.vm import (
     free_local_port,
     make_blank_disk,
     make_disk_overlay,
+    overlay_backing,
+    rebase_relative,
     recorded_vm,
     start_vm,
 )
@@ -89,16 +93,36 @@ def prepare_disk(request: BootRequest, manifest: dict[str, object], paths: VmPat
     except OSError:
         made_over = ""
     if overlay.exists() and not request.fresh_disk:
-        if made_over == build_id:
+        if made_over != build_id:
+            # Its backing file was replaced by a newer build: the overlay no longer fits it.
+            say.write(f"disk: {overlay} was made over build {made_over or '(unknown)'}; making a new one\n")
+        elif kept_overlay(overlay, raw, say):
             say.write(f"disk: {overlay} from an earlier boot, with its data (--fresh-disk starts over)\n")
             return overlay
-        # Its backing file was replaced by a newer build: the overlay no longer fits it.
-        say.write(f"disk: {overlay} was made over build {made_over or '(unknown)'}; making a new one\n")
     size = max(request.disk_gib * GIB, raw.stat().st_size)
     make_disk_overlay(raw, overlay, size)
     paths.disk_build_id.write_text(build_id + "\n")
     say.write(f"disk: new {size / GIB:.1f} GiB overlay {overlay} over {raw.name}\n")
     return overlay
+
+
+def kept_overlay(overlay: Path, raw: Path, say: TextIO) -> bool:
+    """Whether OVERLAY is over this directory's RAW. One over another directory's image (this directory
+    was copied from it) would boot that build, and break when it is deleted or rebuilt."""
+    try:
+        backing = overlay_backing(overlay)
+    except QemuError as error:
+        say.write(f"disk: {error}; making a new one\n")
+        return False
+    if backing is None or backing.path != raw.resolve():
+        named = backing.path if backing else "no backing file"
+        say.write(f"disk: {overlay} is over {named}, not this directory's {raw.name} "
+                  "(a copied build directory?); making a new one\n")  # fmt: skip
+        return False
+    if Path(backing.written).is_absolute():
+        # Made before overlays named their image relatively: same file, so only the name changes.
+        rebase_relative(overlay, raw)
+    return True
 
 
 def prepare_extra_disk(request: BootRequest, paths: VmPaths, say: TextIO) -> Path | None:

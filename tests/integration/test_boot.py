@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -45,7 +46,9 @@ def test_a_new_disk_is_an_overlay_over_the_raw_image_of_the_asked_size(tmp_path:
     assert overlay == paths.disk_overlay and virtual_size(overlay) == 2 * GIB
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(overlay)],
                                      capture_output=True, check=True).stdout)  # fmt: skip
-    assert info["backing-filename"] == str((tmp_path / "appliance.raw").resolve())
+    # Named relative to the overlay, so a copy of the directory boots its own image.
+    assert info["backing-filename"] == "../appliance.raw"
+    assert Path(info["full-backing-filename"]).resolve() == (tmp_path / "appliance.raw").resolve()
     assert "new 2.0 GiB overlay" in say.getvalue()
 
 
@@ -118,3 +121,55 @@ def test_a_second_boot_from_the_same_directory_is_refused(tmp_path: Path) -> Non
     finally:
         stand_in.kill()
         stand_in.wait()
+
+
+def backing_of(overlay: Path) -> Path:
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(overlay)],
+                                     capture_output=True, check=True).stdout)  # fmt: skip
+    return Path(info["full-backing-filename"]).resolve()
+
+
+def test_a_copied_build_directory_boots_its_own_image(tmp_path: Path) -> None:
+    original, copy = tmp_path / "out", tmp_path / "copy"
+    manifest = write_build(original, "b1")
+    prepare_disk(request(original), manifest, VmPaths(original / "run"), io.StringIO())
+    shutil.copytree(original, copy)
+    shutil.rmtree(original)  # deleting (or rebuilding) the original leaves the copy whole
+    say = io.StringIO()
+    overlay = prepare_disk(request(copy), manifest, VmPaths(copy / "run"), say)
+    assert "from an earlier boot" in say.getvalue()
+    assert backing_of(overlay) == (copy / "appliance.raw").resolve()
+
+
+def test_an_overlay_over_another_directorys_image_is_replaced_saying_why(tmp_path: Path) -> None:
+    original, copy = tmp_path / "out", tmp_path / "copy"
+    manifest = write_build(original, "b1")
+    shutil.copytree(original, copy)
+    # As overlays were made before: the backing file by its absolute path, here the original's.
+    (copy / "run").mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(original / "appliance.raw"),
+                    str(copy / "run" / "disk.qcow2"), str(2 * GIB)], check=True)  # fmt: skip
+    (copy / "run" / "disk.build-id").write_text("b1\n")
+    say = io.StringIO()
+    overlay = prepare_disk(request(copy), manifest, VmPaths(copy / "run"), say)
+    assert f"is over {(original / 'appliance.raw').resolve()}, not this directory's appliance.raw" in say.getvalue()
+    assert "making a new one" in say.getvalue() and backing_of(overlay) == (copy / "appliance.raw").resolve()
+
+
+def test_an_old_overlay_naming_its_own_image_absolutely_is_kept_and_renamed_relative(tmp_path: Path) -> None:
+    manifest = write_build(tmp_path, "b1")
+    overlay = tmp_path / "run" / "disk.qcow2"
+    overlay.parent.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(tmp_path / "appliance.raw"),
+                    str(overlay), str(2 * GIB)], check=True)  # fmt: skip
+    subprocess.run(["qemu-io", "-c", "write -P 0x5a 0 64k", str(overlay)], check=True, capture_output=True)
+    (tmp_path / "run" / "disk.build-id").write_text("b1\n")
+    say = io.StringIO()
+    assert prepare_disk(request(tmp_path), manifest, VmPaths(tmp_path / "run"), say) == overlay
+    assert "from an earlier boot" in say.getvalue()
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(overlay)],
+                                     capture_output=True, check=True).stdout)  # fmt: skip
+    assert info["backing-filename"] == "../appliance.raw"
+    # The node's data is still there.
+    check = subprocess.run(["qemu-io", "-c", "read -P 0x5a 0 64k", str(overlay)], capture_output=True, text=True)
+    assert check.returncode == 0 and "Pattern verification failed" not in check.stdout
