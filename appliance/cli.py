@@ -63,6 +63,13 @@ def whole_gib(text: str) -> int:
     return value
 
 
+def tcp_port(text: str) -> int:
+    """A TCP port for argparse: 1-65535."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Typed as argparse's own: its subparsers are made of the same class, CommandLineError included.
     parser: argparse.ArgumentParser = ArgumentParser(
@@ -126,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="boot a built appliance in QEMU",
         description="Boot DIR's ISO or disk image in QEMU (KVM when it really works here, else TCG),\n"
         "serial console to DIR/run/serial.log,\n"
-        "SSH forwarded to a free port on 127.0.0.1. Without --wait the console is shown until Ctrl-C.\n"
+        "SSH forwarded from a port on 127.0.0.1: --ssh-port, else the last boot's (DIR/run/ssh-port) while it is\n"
+        "free, so known_hosts keeps one entry for the node; else any free one.\n"
+        "Without --wait the console is shown until Ctrl-C.\n"
         "With --media disk the node's disk is DIR/run/disk.qcow2, copy-on-write over NAME.raw and kept\n"
         "from boot to boot (data and SSH host key survive) until the build changes or --fresh-disk;\n"
         "it names NAME.raw relative to itself, so a copy of DIR boots its own image.\n"
@@ -169,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GIB",
         help="attach a second disk, blank when made (DIR/run/extra-disk.qcow2, kept from boot to boot): "
         "a node built with [storage] claim_blank_disk = true keeps its state there",
+    )
+    boot_cmd.add_argument(
+        "--ssh-port",
+        type=tcp_port,
+        metavar="PORT",
+        help="port on 127.0.0.1 forwarded to the node's SSH (default: the last boot's while free, else any)",
     )
     boot_cmd.add_argument(
         "--fresh-disk",
@@ -530,6 +545,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         disk_gib=args.disk_size,
         fresh_disk=args.fresh_disk,
         extra_disk_gib=args.extra_disk,
+        ssh_port=args.ssh_port,
     )
     result = boot(request)
     if args.wait:

@@ -7,6 +7,8 @@ overlay in DIR/run/ over NAME.raw, kept from boot to boot like a real disk
 itself, so a copied build directory boots its own image; an overlay over
 another directory's image is replaced. --extra-disk adds a second disk,
 blank when made, for a node that claims one ([storage] claim_blank_disk).
+SSH is forwarded from the port of the last boot of the directory while it is
+free (--ssh-port picks one), so known_hosts keeps one entry for the node.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from appliance.boot.vm import (
     RunningVm,
     VmPaths,
     free_local_port,
+    local_port_free,
     make_blank_disk,
     make_disk_overlay,
     overlay_backing,
@@ -52,6 +55,7 @@ class BootRequest:
     disk_gib: int = DEFAULT_DISK_GIB  # size of a new disk overlay; the node grows its data partition into it
     fresh_disk: bool = False
     extra_disk_gib: int = 0  # 0: none; else a second disk, blank when made, kept like the first
+    ssh_port: int | None = None  # None: the last boot's (DIR/run/ssh-port) if free, else any free one
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,27 @@ def kept_overlay(overlay: Path, raw: Path, say: TextIO) -> bool:
     return True
 
 
+def choose_ssh_port(requested: int | None, paths: VmPaths, say: TextIO) -> int:
+    """The host port forwarded to the node's SSH: the one asked for; else the last boot's, so the node
+    keeps one known_hosts entry and --strict keeps working; else any free one."""
+    if requested is not None:
+        if not local_port_free(requested):
+            raise QemuError(f"--ssh-port {requested}: 127.0.0.1:{requested} is in use")
+        return requested
+    try:
+        last: int | None = int(paths.ssh_port_file.read_text().strip())
+    except (OSError, ValueError):
+        last = None
+    if last is not None and local_port_free(last):
+        say.write(f"ssh: port {last}, as at the last boot\n")
+        return last
+    port = free_local_port()
+    if last is not None:
+        say.write(f"ssh: port {last} of the last boot is in use; port {port} now "
+                  f"(known_hosts sees [127.0.0.1]:{port} as a new host)\n")  # fmt: skip
+    return port
+
+
 def prepare_extra_disk(request: BootRequest, paths: VmPaths, say: TextIO) -> Path | None:
     """The second disk: blank when made, then kept with what the node wrote on it, until --fresh-disk."""
     if not request.extra_disk_gib:
@@ -188,7 +213,7 @@ def boot(request: BootRequest, say: TextIO = sys.stdout) -> BootResult:
     config = BootConfig(
         media=media,
         accel=accel,
-        ssh_port=free_local_port(),
+        ssh_port=choose_ssh_port(request.ssh_port, paths, say),
         memory_mb=request.memory_mb,
         cpus=request.cpus,
         firmware=request.firmware,

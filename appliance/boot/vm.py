@@ -45,6 +45,19 @@ def free_local_port() -> int:
         return port
 
 
+def local_port_free(port: int) -> bool:
+    """Whether QEMU can listen on 127.0.0.1:PORT (connections lingering in TIME_WAIT do not count, as
+    QEMU's own listener reuses the address too)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+            probe.listen()
+        except OSError:
+            return False
+        return True
+
+
 @dataclass(frozen=True)
 class VmPaths:
     """Where a running appliance keeps its files: DIR/run/."""

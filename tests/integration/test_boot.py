@@ -5,13 +5,15 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from helpers.waiting import wait_until
 
-from appliance.boot.boot import GIB, BootRequest, boot, prepare_disk, prepare_extra_disk
+from appliance.boot.boot import GIB, BootRequest, boot, choose_ssh_port, prepare_disk, prepare_extra_disk
 from appliance.boot.vm import QemuError, VmPaths
 
 
@@ -173,3 +175,27 @@ def test_an_old_overlay_naming_its_own_image_absolutely_is_kept_and_renamed_rela
     # The node's data is still there.
     check = subprocess.run(["qemu-io", "-c", "read -P 0x5a 0 64k", str(overlay)], capture_output=True, text=True)
     assert check.returncode == 0 and "Pattern verification failed" not in check.stdout
+
+
+def test_the_ssh_port_is_the_one_asked_for_else_the_last_boots_while_free(tmp_path: Path) -> None:
+    paths = VmPaths(tmp_path / "run")
+    paths.run_dir.mkdir()
+    first = choose_ssh_port(None, paths, io.StringIO())
+    paths.ssh_port_file.write_text(f"{first}\n")  # as start_vm records it
+    say = io.StringIO()
+    assert choose_ssh_port(None, paths, say) == first and f"port {first}, as at the last boot" in say.getvalue()
+    with socket.create_server(("127.0.0.1", first)):
+        say = io.StringIO()
+        other = choose_ssh_port(None, paths, say)
+        assert other != first and f"port {first} of the last boot is in use; port {other} now" in say.getvalue()
+        with pytest.raises(QemuError, match=f"--ssh-port {first}: 127.0.0.1:{first} is in use"):
+            choose_ssh_port(first, paths, io.StringIO())
+    assert choose_ssh_port(other, paths, io.StringIO()) == other
+
+
+def test_boot_takes_ssh_port_on_the_command_line(tmp_path: Path) -> None:
+    helped = subprocess.run([sys.executable, "-m", "appliance.cli", "boot", "--help"], capture_output=True, text=True)
+    assert "--ssh-port PORT" in helped.stdout
+    bad = subprocess.run([sys.executable, "-m", "appliance.cli", "boot", str(tmp_path), "--ssh-port", "70000"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "'70000' is not a TCP port (1-65535)" in bad.stderr
