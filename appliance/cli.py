@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 from appliance import __version__
 from appliance.boot.boot import DEFAULT_DISK_GIB, BootRequest, boot
@@ -16,18 +18,38 @@ from appliance.build.dib import DEFAULT_CACHE_DIR
 from appliance.build.pipeline import build, read_key_files
 from appliance.deploy.flash import FlashError, flash
 from appliance.deploy.pxe_server import CHAIN_SCRIPT, read_pxe_set, start_pxe_server
-from appliance.errors import EXIT_FAILED, EXIT_USAGE, ApplianceError
-from appliance.nodes.client import DEFAULT_KNOWN_HOSTS, Node, NodeAddress, parse_address
-from appliance.nodes.fleet import DEFAULT_CONCURRENCY, HostOutcome, fan_out, load_inventory
+from appliance.errors import EXIT_FAILED, ApplianceError, UsageError
+from appliance.nodes.client import Node, NodeAddress, check_image_upload, default_known_hosts, parse_address
+from appliance.nodes.errors import AgentCallError
+from appliance.nodes.fleet import DEFAULT_CONCURRENCY, HostOutcome, fan_out
+from appliance.nodes.inventory import load_inventory
+from appliance.nodes.keys import ENV_KEY, ENV_PASSPHRASE, Keyring
 from appliance.progress import Progress
 from appliance.spec import default_spec_text, load_spec
 
 EXIT_OK, EXIT_INTERRUPTED = 0, 130
-DEFAULT_KEY = Path.home() / ".ssh" / "id_ed25519"
+KEY_HELP = (
+    f"operator private key (default: ${ENV_KEY}, else as ssh: the host's IdentityFile in ~/.ssh/config, "
+    f"ssh-agent's keys, ~/.ssh/id_ed25519, id_ecdsa, id_rsa; a passphrase is asked on a terminal or read "
+    f"from ${ENV_PASSPHRASE})"
+)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     pass
+
+
+class CommandLineError(UsageError):
+    """What argparse refuses, raised rather than exiting, so `--json` can print it as JSON too."""
+
+    def __init__(self, usage: str, message: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise CommandLineError(self.format_usage(), f"{self.prog}: error: {message}")
 
 
 def whole_gib(text: str) -> int:
@@ -41,8 +63,16 @@ def whole_gib(text: str) -> int:
     return value
 
 
+def tcp_port(text: str) -> int:
+    """A TCP port for argparse: 1-65535."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    # Typed as argparse's own: its subparsers are made of the same class, CommandLineError included.
+    parser: argparse.ArgumentParser = ArgumentParser(
         prog="appliance",
         formatter_class=HelpFormatter,
         description="Build a minimal hypervisor appliance image (kernel, KVM, QEMU, agent) and boot it.",
@@ -103,9 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="boot a built appliance in QEMU",
         description="Boot DIR's ISO or disk image in QEMU (KVM when it really works here, else TCG),\n"
         "serial console to DIR/run/serial.log,\n"
-        "SSH forwarded to a free port on 127.0.0.1. Without --wait the console is shown until Ctrl-C.\n"
+        "SSH forwarded from a port on 127.0.0.1: --ssh-port, else the last boot's (DIR/run/ssh-port) while it is\n"
+        "free, so known_hosts keeps one entry for the node; else any free one.\n"
+        "Without --wait the console is shown until Ctrl-C.\n"
         "With --media disk the node's disk is DIR/run/disk.qcow2, copy-on-write over NAME.raw and kept\n"
-        "from boot to boot (data and SSH host key survive) until the build changes or --fresh-disk.\n"
+        "from boot to boot (data and SSH host key survive) until the build changes or --fresh-disk;\n"
+        "it names NAME.raw relative to itself, so a copy of DIR boots its own image.\n"
         "With --media pxe QEMU's own DHCP and TFTP hand the NIC's iPXE the chain script, and the PXE set\n"
         "is served over HTTP on 127.0.0.1 (as `appliance pxe serve` does) until the node is ready.",
         epilog="example:\n"
@@ -147,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         "a node built with [storage] claim_blank_disk = true keeps its state there",
     )
     boot_cmd.add_argument(
+        "--ssh-port",
+        type=tcp_port,
+        metavar="PORT",
+        help="port on 127.0.0.1 forwarded to the node's SSH (default: the last boot's while free, else any)",
+    )
+    boot_cmd.add_argument(
         "--fresh-disk",
         action="store_true",
         help="start from the image again, dropping the node's data (and empty the extra disk)",
@@ -169,9 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  appliance selftest out --key ~/.ssh/id_ed25519",
     )
     selftest_cmd.add_argument("dir", type=Path, help="build directory (built with --authorized-key KEY.pub)")
-    selftest_cmd.add_argument(
-        "--key", type=Path, default=DEFAULT_KEY, help="operator private key (default: %(default)s)"
-    )
+    selftest_cmd.add_argument("--key", type=Path, help=KEY_HELP)
     selftest_cmd.add_argument(
         "--media",
         choices=("auto", "disk", "iso"),
@@ -217,11 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_key_options(parser: argparse.ArgumentParser, timeout: float) -> None:
     """How to reach nodes: the operator key, host key checking, timeout, output."""
-    parser.add_argument("--key", type=Path, default=DEFAULT_KEY, help="operator private key (default: %(default)s)")
-    parser.add_argument("--known-hosts", type=Path, default=DEFAULT_KNOWN_HOSTS, help="default: %(default)s")
+    parser.add_argument("--key", type=Path, help=KEY_HELP)
+    parser.add_argument("--known-hosts", type=Path, default=default_known_hosts(), help="default: %(default)s")
     parser.add_argument("--strict", action="store_true", help="refuse hosts not yet in the known_hosts file")
-    parser.add_argument("--timeout", type=float, default=timeout, help="seconds per request (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print the agent's answer as JSON")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=timeout,
+        help="seconds for each step: TCP connect, SSH handshake, authentication, each request (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='print the agent\'s answer as JSON; a failure as {"error": {"code": ..., "message": ...}}',
+    )
 
 
 def add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -230,13 +276,26 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
 
 
 def node_connector(args: argparse.Namespace) -> Callable[[NodeAddress], Node]:
+    """Nodes reached with the operator's keys; an explicit key is checked (and its passphrase asked) once, now."""
+    keyring = Keyring.for_operator(args.key)
+    keyring.check()
+
     def connect(address: NodeAddress) -> Node:
-        return Node(address, args.key, args.known_hosts, args.strict, args.timeout)
+        return Node(address, keyring, args.known_hosts, args.strict, args.timeout)
 
     return connect
 
 
-GUEST_VERBS = ("start", "stop", "kill", "reboot", "pause", "resume", "info", "console")
+GUEST_VERBS = {
+    "start": "start a guest",
+    "stop": "stop a guest: ACPI power-down, forced off if it does not go in time",
+    "kill": "power a guest off at once, without a shutdown",
+    "reboot": "reset a guest at once, like a reset button (no shutdown)",
+    "pause": "pause a guest's vCPUs (it keeps its memory)",
+    "resume": "resume a paused guest",
+    "info": "show a guest's details",
+    "console": "show a guest's console (its recent serial output)",
+}
 
 
 def add_node_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -258,8 +317,8 @@ def add_node_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     guest_verbs = guest.add_subparsers(dest="guest_verb", required=True, metavar="VERB")
     add_connection_options(guest_verbs.add_parser("list", help="every guest and its state"))
-    for verb in GUEST_VERBS:
-        parser = guest_verbs.add_parser(verb, help=f"{verb} a guest")
+    for verb, what in GUEST_VERBS.items():
+        parser = guest_verbs.add_parser(verb, help=what)
         add_connection_options(parser)
         parser.add_argument("name")
     delete = guest_verbs.add_parser("delete", help="delete a guest (its disks are kept aside unless --remove-disks)")
@@ -297,16 +356,20 @@ def add_image_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def cmd_image(args: argparse.Namespace) -> int:
-    with node_connector(args)(parse_address(args.host)) as node:
+    address = parse_address(args.host)
+    if args.image_verb == "push":
+        # Before connecting: a wrong file or name costs nothing.
+        check_image_upload(args.file, args.name or args.file.name)
+    with node_connector(args)(address) as node:
         if args.image_verb == "push":
-            if not args.file.is_file():
-                print(f"appliance: no such file: {args.file}", file=sys.stderr)
-                return EXIT_USAGE
+            name = args.name or args.file.name
+            node.check_push(args.file, name)
             progress = Progress(sys.stderr, interactive=sys.stderr.isatty())
             with progress.step(f"push {args.file}"):
                 result = node.push_image(
-                    args.file, args.name or args.file.name,
+                    args.file, name,
                     lambda sent, size: progress.detail(f"{sent * 100 // max(size, 1)}% of {size / 1e6:.1f} MB"),
+                    checked=True,
                 )  # fmt: skip
         elif args.image_verb == "list":
             result = node.call("image.list", idempotent=True)
@@ -314,9 +377,24 @@ def cmd_image(args: argparse.Namespace) -> int:
             result = node.call("image.delete", {"name": args.name})
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
+    elif args.image_verb == "list":
+        print(format_table([image_row(image) for image in result]))
     else:
         print(format_table(result if isinstance(result, list) else [result]))
     return EXIT_OK
+
+
+def image_row(image: dict[str, object]) -> dict[str, object]:
+    """An image as people read the list: its name first, the date as a date."""
+    return {"name": image.get("name"), "size_bytes": image.get("size_bytes"),
+            "created": human_time(image.get("created")), "sha256": image.get("sha256")}  # fmt: skip
+
+
+def human_time(epoch: object) -> str:
+    """A timestamp as people read it, in local time (JSON keeps the number)."""
+    if not isinstance(epoch, int | float):
+        return str(epoch)
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
 def add_fleet_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -467,6 +545,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         disk_gib=args.disk_size,
         fresh_disk=args.fresh_disk,
         extra_disk_gib=args.extra_disk,
+        ssh_port=args.ssh_port,
     )
     result = boot(request)
     if args.wait:
@@ -576,15 +655,38 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+    except CommandLineError as error:
+        sys.stderr.write(error.usage)
+        print(error, file=sys.stderr)
+        if "--json" in argv:
+            print(error_json(error))
+        return error.exit_code
+    as_json = bool(getattr(args, "json", False))
     try:
         return COMMANDS[args.verb](args)
     except ApplianceError as error:
         print(f"appliance: {error}", file=sys.stderr)
+        if as_json:
+            print(error_json(error))
         return error.exit_code
     except KeyboardInterrupt:
         print("appliance: interrupted", file=sys.stderr)
+        if as_json:
+            print(json.dumps({"error": {"code": "interrupted", "message": "interrupted"}}))
         return EXIT_INTERRUPTED
+
+
+def error_json(error: ApplianceError) -> str:
+    """A failure for scripts: the agent's stable code and message when the agent answered, else the client's."""
+    body: dict[str, Any] = {"code": error.code, "message": str(error)}
+    if isinstance(error, AgentCallError):
+        body["message"] = error.message
+        if error.details:
+            body["details"] = error.details
+    return json.dumps({"error": body}, sort_keys=True)
 
 
 if __name__ == "__main__":

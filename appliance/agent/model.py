@@ -123,9 +123,7 @@ def parse_guest_spec(params: dict[str, Any]) -> GuestSpec:
     boot = params.get("kernel_boot")
     vcpus = check_int(params, "vcpus", 1, MAX_VCPUS, 1)
     weight, quota = parse_cpu_limits(params, vcpus, DEFAULT_CPU_WEIGHT, 0)
-    if not disks and boot is None:
-        raise invalid("the guest has nothing to boot: give it disks or a kernel_boot", "disks")
-    return GuestSpec(
+    spec = GuestSpec(
         name=check_name(params.get("name")),
         vcpus=vcpus,
         memory_mib=check_int(params, "memory_mib", 16, MAX_MEMORY_MIB),
@@ -137,6 +135,9 @@ def parse_guest_spec(params: dict[str, Any]) -> GuestSpec:
         cpu_weight=weight,
         cpu_quota_percent=quota,
     )
+    if not spec.disks and spec.kernel_boot is None:
+        raise invalid("the guest has nothing to boot: give it disks or a kernel_boot", "disks")
+    return spec
 
 
 CPU_FIELDS = {"cpu_weight", "cpu_quota_percent"}

@@ -3,8 +3,12 @@
 From the ISO, or from the disk image: then the node's disk is a copy-on-write
 overlay in DIR/run/ over NAME.raw, kept from boot to boot like a real disk
 (the data partition and SSH host key survive) until the build changes or
---fresh-disk asks for a new one. --extra-disk adds a second disk, blank when
-made, for a node that claims one ([storage] claim_blank_disk).
+--fresh-disk asks for a new one. The overlay names NAME.raw relative to
+itself, so a copied build directory boots its own image; an overlay over
+another directory's image is replaced. --extra-disk adds a second disk,
+blank when made, for a node that claims one ([storage] claim_blank_disk).
+SSH is forwarded from the port of the last boot of the directory while it is
+free (--ssh-port picks one), so known_hosts keeps one entry for the node.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ from appliance.boot.vm import (
     RunningVm,
     VmPaths,
     free_local_port,
+    local_port_free,
     make_blank_disk,
     make_disk_overlay,
+    overlay_backing,
+    rebase_relative,
     recorded_vm,
     start_vm,
 )
@@ -49,6 +56,7 @@ class BootRequest:
     disk_gib: int = DEFAULT_DISK_GIB  # size of a new disk overlay; the node grows its data partition into it
     fresh_disk: bool = False
     extra_disk_gib: int = 0  # 0: none; else a second disk, blank when made, kept like the first
+    ssh_port: int | None = None  # None: the last boot's (DIR/run/ssh-port) if free, else any free one
 
 
 @dataclass(frozen=True)
@@ -70,16 +78,57 @@ def prepare_disk(request: BootRequest, manifest: Manifest, paths: VmPaths, say: 
     except OSError:
         made_over = ""
     if overlay.exists() and not request.fresh_disk:
-        if made_over == build_id:
+        if made_over != build_id:
+            # Its backing file was replaced by a newer build: the overlay no longer fits it.
+            say.write(f"disk: {overlay} was made over build {made_over or '(unknown)'}; making a new one\n")
+        elif kept_overlay(overlay, raw, say):
             say.write(f"disk: {overlay} from an earlier boot, with its data (--fresh-disk starts over)\n")
             return overlay
-        # Its backing file was replaced by a newer build: the overlay no longer fits it.
-        say.write(f"disk: {overlay} was made over build {made_over or '(unknown)'}; making a new one\n")
     size = max(request.disk_gib * GIB, raw.stat().st_size)
     make_disk_overlay(raw, overlay, size)
     paths.disk_build_id.write_text(build_id + "\n")
     say.write(f"disk: new {size / GIB:.1f} GiB overlay {overlay} over {raw.name}\n")
     return overlay
+
+
+def kept_overlay(overlay: Path, raw: Path, say: TextIO) -> bool:
+    """Whether OVERLAY is over this directory's RAW. One over another directory's image (this directory
+    was copied from it) would boot that build, and break when it is deleted or rebuilt."""
+    try:
+        backing = overlay_backing(overlay)
+    except QemuError as error:
+        say.write(f"disk: {error}; making a new one\n")
+        return False
+    if backing is None or backing.path != raw.resolve():
+        named = backing.path if backing else "no backing file"
+        say.write(f"disk: {overlay} is over {named}, not this directory's {raw.name} "
+                  "(a copied build directory?); making a new one\n")  # fmt: skip
+        return False
+    if Path(backing.written).is_absolute():
+        # Made before overlays named their image relatively: same file, so only the name changes.
+        rebase_relative(overlay, raw)
+    return True
+
+
+def choose_ssh_port(requested: int | None, paths: VmPaths, say: TextIO) -> int:
+    """The host port forwarded to the node's SSH: the one asked for; else the last boot's, so the node
+    keeps one known_hosts entry and --strict keeps working; else any free one."""
+    if requested is not None:
+        if not local_port_free(requested):
+            raise QemuError(f"--ssh-port {requested}: 127.0.0.1:{requested} is in use")
+        return requested
+    try:
+        last: int | None = int(paths.ssh_port_file.read_text().strip())
+    except (OSError, ValueError):
+        last = None
+    if last is not None and local_port_free(last):
+        say.write(f"ssh: port {last}, as at the last boot\n")
+        return last
+    port = free_local_port()
+    if last is not None:
+        say.write(f"ssh: port {last} of the last boot is in use; port {port} now "
+                  f"(known_hosts sees [127.0.0.1]:{port} as a new host)\n")  # fmt: skip
+    return port
 
 
 def prepare_extra_disk(request: BootRequest, paths: VmPaths, say: TextIO) -> Path | None:
@@ -145,7 +194,7 @@ def boot(request: BootRequest, say: TextIO = sys.stdout) -> BootResult:
     config = BootConfig(
         media=media,
         accel=accel,
-        ssh_port=free_local_port(),
+        ssh_port=choose_ssh_port(request.ssh_port, paths, say),
         memory_mb=request.memory_mb,
         cpus=request.cpus,
         firmware=request.firmware,

@@ -41,7 +41,7 @@ class SelftestError(ApplianceError):
 @dataclass(frozen=True)
 class SelftestOptions:
     out_dir: Path
-    key: Path
+    key: Path | None  # None: the keys ssh would use (appliance.nodes.keys)
     media: str  # "disk", "iso" or "auto" (the disk when the build has one)
     boot_timeout: float
     guest_timeout: float

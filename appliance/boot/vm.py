@@ -6,6 +6,8 @@ probe guest really runs under it), and the runner says which and why.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
 import subprocess
@@ -37,6 +39,19 @@ def free_local_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def local_port_free(port: int) -> bool:
+    """Whether QEMU can listen on 127.0.0.1:PORT (connections lingering in TIME_WAIT do not count, as
+    QEMU's own listener reuses the address too)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+            probe.listen()
+        except OSError:
+            return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -82,14 +97,46 @@ class BootConfig:
 
 
 def make_qcow2(image: Path, size_bytes: int, what: str, backing_raw: Path | None = None) -> None:
-    """A new qcow2 of SIZE_BYTES in place of any old one; over BACKING_RAW when given."""
+    """A new qcow2 of SIZE_BYTES in place of any old one; over BACKING_RAW when given, named relative to
+    IMAGE's directory, so a copy of the build directory boots its own image and not the original's."""
     image.parent.mkdir(parents=True, exist_ok=True)
     image.unlink(missing_ok=True)
-    backing = ["-b", str(backing_raw.resolve()), "-F", "raw"] if backing_raw else []
+    backing = ["-b", relative_backing(backing_raw, image), "-F", "raw"] if backing_raw else []
     try:
         run(["qemu-img", "create", "-q", "-f", "qcow2", *backing, str(image), str(size_bytes)])
     except CommandError as error:
         raise QemuError(f"cannot make the {what} {image}: {error.output_tail}") from error
+
+
+def relative_backing(backing: Path, overlay: Path) -> str:
+    """BACKING as qemu-img reads a relative backing name: from the overlay's directory."""
+    return os.path.relpath(backing.resolve(), overlay.parent.resolve())
+
+
+@dataclass(frozen=True)
+class Backing:
+    written: str  # as the overlay names it
+    path: Path  # where that is, from the overlay's directory
+
+
+def overlay_backing(overlay: Path) -> Backing | None:
+    """The backing file OVERLAY names (None for none), read by qemu-img without opening it."""
+    try:
+        info = json.loads(run(["qemu-img", "info", "-U", "--output=json", str(overlay)]))
+    except (CommandError, ValueError) as error:
+        raise QemuError(f"cannot read the disk overlay {overlay}: {error}") from error
+    written = info.get("backing-filename")
+    if not written:
+        return None
+    return Backing(str(written), (overlay.parent / str(written)).resolve())
+
+
+def rebase_relative(overlay: Path, backing: Path) -> None:
+    """Name BACKING relative to OVERLAY in its header (the data is untouched: it is the same file)."""
+    try:
+        run(["qemu-img", "rebase", "-u", "-F", "raw", "-b", relative_backing(backing, overlay), str(overlay)])
+    except CommandError as error:
+        raise QemuError(f"cannot rename the backing file of {overlay}: {error.output_tail}") from error
 
 
 def make_disk_overlay(backing: Path, overlay: Path, size_bytes: int) -> None:

@@ -23,7 +23,7 @@ def free_port() -> int:
 class Sshd:
     """sshd -D on a free port; operator keys forced to this repository's agent."""
 
-    def __init__(self, directory: Path, operator_public_key: str, state_dir: Path) -> None:
+    def __init__(self, directory: Path, operator_public_key: str, state_dir: Path, extra_config: str = "") -> None:
         directory.mkdir(parents=True, exist_ok=True)
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
         self.directory = directory
@@ -34,16 +34,24 @@ class Sshd:
             f"--config /nonexistent --state-dir {shlex.quote(str(state_dir))} serve"
         )
         escaped = agent.replace("\\", "\\\\").replace('"', '\\"')
-        (directory / "authorized_keys").write_text(f'restrict,command="{escaped}" {operator_public_key}\n')
+        self.key_options = f'restrict,command="{escaped}"'
+        (directory / "authorized_keys").write_text("")
+        self.authorize(operator_public_key)
         self.config = directory / "sshd_config"
         self.config.write_text(
             f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.host_key}\nPidFile {directory / 'sshd.pid'}\n"
             f"AuthorizedKeysFile {directory / 'authorized_keys'}\nPermitRootLogin forced-commands-only\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
             "AllowTcpForwarding no\nX11Forwarding no\nPermitTunnel no\nAllowAgentForwarding no\n"
-            "MaxStartups 100:30:300\n"  # as the node's sshd: a fleet's burst of connections
+            + "MaxStartups 100:30:300\n"  # as the node's sshd: a fleet's burst of connections
+            + extra_config  # after it: a test's own MaxStartups (sshd takes the last one) wins
         )
         self.process: subprocess.Popen[bytes] | None = None
+
+    def authorize(self, public_key: str) -> None:
+        """Another operator key, forced to the agent like the first."""
+        with (self.directory / "authorized_keys").open("a") as keys:
+            keys.write(f"{self.key_options} {public_key}\n")
 
     def start(self) -> None:
         self.process = subprocess.Popen(

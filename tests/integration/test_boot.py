@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from helpers.waiting import wait_until
 
 from appliance.agent.accel import AccelChoice, boot_sector_printing
-from appliance.boot.boot import GIB, BootRequest, boot, prepare_disk, prepare_extra_disk, start_and_wait
+from appliance.boot.boot import (
+    GIB,
+    BootRequest,
+    boot,
+    choose_ssh_port,
+    prepare_disk,
+    prepare_extra_disk,
+    start_and_wait,
+)
 from appliance.boot.vm import BootConfig, KernelPanicError, QemuError, VmPaths, free_local_port, recorded_vm
 from appliance.manifest import Manifest, MissingArtifactError
 
@@ -47,7 +58,9 @@ def test_a_new_disk_is_an_overlay_over_the_raw_image_of_the_asked_size(tmp_path:
     assert overlay == paths.disk_overlay and virtual_size(overlay) == 2 * GIB
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(overlay)],
                                      capture_output=True, check=True).stdout)  # fmt: skip
-    assert info["backing-filename"] == str((tmp_path / "appliance.raw").resolve())
+    # Named relative to the overlay, so a copy of the directory boots its own image.
+    assert info["backing-filename"] == "../appliance.raw"
+    assert Path(info["full-backing-filename"]).resolve() == (tmp_path / "appliance.raw").resolve()
     assert "new 2.0 GiB overlay" in say.getvalue()
 
 
@@ -138,3 +151,79 @@ def test_a_kernel_panic_before_ready_fails_at_once_and_is_booted_once_more_under
     assert "booting once more" in say.getvalue() and say.getvalue().count("QEMU pid") == 2
     assert b"stand-in" in (paths.directory / "serial-panic.log").read_bytes()
     assert recorded_vm(paths) is None  # both QEMUs stopped
+
+
+def backing_of(overlay: Path) -> Path:
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(overlay)],
+                                     capture_output=True, check=True).stdout)  # fmt: skip
+    return Path(info["full-backing-filename"]).resolve()
+
+
+def test_a_copied_build_directory_boots_its_own_image(tmp_path: Path) -> None:
+    original, copy = tmp_path / "out", tmp_path / "copy"
+    manifest = write_build(original, "b1")
+    prepare_disk(request(original), manifest, VmPaths(original / "run"), io.StringIO())
+    shutil.copytree(original, copy)
+    shutil.rmtree(original)  # deleting (or rebuilding) the original leaves the copy whole
+    say = io.StringIO()
+    overlay = prepare_disk(request(copy), Manifest.load(copy), VmPaths(copy / "run"), say)
+    assert "from an earlier boot" in say.getvalue()
+    assert backing_of(overlay) == (copy / "appliance.raw").resolve()
+
+
+def test_an_overlay_over_another_directorys_image_is_replaced_saying_why(tmp_path: Path) -> None:
+    original, copy = tmp_path / "out", tmp_path / "copy"
+    manifest = write_build(original, "b1")
+    shutil.copytree(original, copy)
+    # As overlays were made before: the backing file by its absolute path, here the original's.
+    (copy / "run").mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(original / "appliance.raw"),
+                    str(copy / "run" / "disk.qcow2"), str(2 * GIB)], check=True)  # fmt: skip
+    (copy / "run" / "disk.build-id").write_text("b1\n")
+    say = io.StringIO()
+    overlay = prepare_disk(request(copy), Manifest.load(copy), VmPaths(copy / "run"), say)
+    assert f"is over {(original / 'appliance.raw').resolve()}, not this directory's appliance.raw" in say.getvalue()
+    assert "making a new one" in say.getvalue() and backing_of(overlay) == (copy / "appliance.raw").resolve()
+
+
+def test_an_old_overlay_naming_its_own_image_absolutely_is_kept_and_renamed_relative(tmp_path: Path) -> None:
+    manifest = write_build(tmp_path, "b1")
+    overlay = tmp_path / "run" / "disk.qcow2"
+    overlay.parent.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(tmp_path / "appliance.raw"),
+                    str(overlay), str(2 * GIB)], check=True)  # fmt: skip
+    subprocess.run(["qemu-io", "-c", "write -P 0x5a 0 64k", str(overlay)], check=True, capture_output=True)
+    (tmp_path / "run" / "disk.build-id").write_text("b1\n")
+    say = io.StringIO()
+    assert prepare_disk(request(tmp_path), manifest, VmPaths(tmp_path / "run"), say) == overlay
+    assert "from an earlier boot" in say.getvalue()
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(overlay)],
+                                     capture_output=True, check=True).stdout)  # fmt: skip
+    assert info["backing-filename"] == "../appliance.raw"
+    # The node's data is still there.
+    check = subprocess.run(["qemu-io", "-c", "read -P 0x5a 0 64k", str(overlay)], capture_output=True, text=True)
+    assert check.returncode == 0 and "Pattern verification failed" not in check.stdout
+
+
+def test_the_ssh_port_is_the_one_asked_for_else_the_last_boots_while_free(tmp_path: Path) -> None:
+    paths = VmPaths(tmp_path / "run")
+    paths.directory.mkdir()
+    first = choose_ssh_port(None, paths, io.StringIO())
+    paths.ssh_port_file.write_text(f"{first}\n")  # as start_vm records it
+    say = io.StringIO()
+    assert choose_ssh_port(None, paths, say) == first and f"port {first}, as at the last boot" in say.getvalue()
+    with socket.create_server(("127.0.0.1", first)):
+        say = io.StringIO()
+        other = choose_ssh_port(None, paths, say)
+        assert other != first and f"port {first} of the last boot is in use; port {other} now" in say.getvalue()
+        with pytest.raises(QemuError, match=f"--ssh-port {first}: 127.0.0.1:{first} is in use"):
+            choose_ssh_port(first, paths, io.StringIO())
+    assert choose_ssh_port(other, paths, io.StringIO()) == other
+
+
+def test_boot_takes_ssh_port_on_the_command_line(tmp_path: Path) -> None:
+    helped = subprocess.run([sys.executable, "-m", "appliance.cli", "boot", "--help"], capture_output=True, text=True)
+    assert "--ssh-port PORT" in helped.stdout
+    bad = subprocess.run([sys.executable, "-m", "appliance.cli", "boot", str(tmp_path), "--ssh-port", "70000"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "'70000' is not a TCP port (1-65535)" in bad.stderr

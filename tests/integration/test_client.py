@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -176,3 +177,72 @@ def test_a_lost_connection_is_retried_once_for_reads_and_never_for_writes(
         node._transport.close()
         with pytest.raises(ConnectionLostError):
             node.call("guest.create", {"name": "once", "memory_mib": 32})
+
+
+def test_json_failures_are_one_json_object_with_the_agents_code_or_the_clients(
+    sshd: Sshd, keys: Path, tmp_path: Path
+) -> None:
+    host = f"root@127.0.0.1:{sshd.port}"
+    common = ["--key", str(keys), "--known-hosts", str(tmp_path / "known_hosts"), "--json"]
+    missing = run_cli("guest", "info", host, "ghost", *common)
+    assert missing.returncode == 1
+    error = json.loads(missing.stdout)["error"]
+    assert error["code"] == "guest_not_found" and "ghost" in error["message"]
+    assert not error["message"].startswith("guest_not_found")
+    invalid = run_cli("guest", "create", host, "no/slash", "--memory", "64", *common)
+    assert invalid.returncode == 1
+    assert json.loads(invalid.stdout)["error"]["details"] == {"field": "name"}
+    stranger = make_key(tmp_path, "stranger")
+    refused = run_cli("node", "report", host, *common[2:], "--key", str(stranger))
+    assert refused.returncode == 1 and json.loads(refused.stdout)["error"]["code"] == "auth_failed"
+    strict = run_cli("guest", "list", host, "--key", str(keys), "--known-hosts", str(tmp_path / "kh2"),
+                     "--strict", "--json")  # fmt: skip
+    assert strict.returncode == 1 and json.loads(strict.stdout)["error"]["code"] == "host_key"
+    usage = run_cli("guest", "info", host, "--json")
+    assert usage.returncode == 2 and json.loads(usage.stdout)["error"]["code"] == "usage"
+    assert "the following arguments are required: name" in usage.stderr
+    public = run_cli("image", "list", host, *common, "--key", str(keys) + ".pub")
+    assert public.returncode == 2 and json.loads(public.stdout)["error"]["code"] == "key_file"
+    for result in (missing, invalid, refused, strict, usage, public):
+        assert len(result.stdout.splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_image_push_checks_name_and_store_before_uploading(sshd: Sshd, keys: Path, tmp_path: Path) -> None:
+    from helpers.sshd import free_port
+
+    from appliance.nodes.client import ImageExistsError
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\1" * 3 * (1 << 20))
+    host = f"root@127.0.0.1:{sshd.port}"
+    common = ["--key", str(keys), "--known-hosts", str(tmp_path / "known_hosts")]
+    assert run_cli("image", "push", host, str(image), *common).returncode == 0
+    with node_for(sshd, keys, tmp_path / "known_hosts") as node:
+        sent: list[int] = []
+        with pytest.raises(ImageExistsError, match=r"already has an image named 'disk\.img'"):
+            node.push_image(image, "disk.img", lambda done, size: sent.append(done))
+        assert sent == []  # not a byte went out
+    again = run_cli("image", "push", host, str(image), "--json", *common)
+    assert again.returncode == 1 and json.loads(again.stdout)["error"]["code"] == "image_exists"
+    assert "==> push" not in again.stderr  # the upload never started
+    # Wrong names and directories are refused before any node is contacted (this one is not there).
+    dead = f"127.0.0.1:{free_port()}"
+    bad_name = run_cli("image", "push", dead, str(image), "--name", "../escape", *common)
+    assert bad_name.returncode == 2 and "image name '../escape': name must be 1-63 characters" in bad_name.stderr
+    directory = run_cli("image", "push", dead, str(tmp_path), *common)
+    assert directory.returncode == 2 and f"{tmp_path} is a directory: give an image file" in directory.stderr
+    assert "no such file" not in directory.stderr
+    # The list shows when, as people read dates; --json keeps the number.
+    listed = run_cli("image", "list", host, *common)
+    assert listed.returncode == 0 and "CREATED" in listed.stdout
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("disk.img"))
+    created = json.loads(run_cli("image", "list", host, "--json", *common).stdout)[0]["created"]
+    assert isinstance(created, int | float) and str(int(created)) not in row
+    assert re.search(r"\b20\d\d-\d\d-\d\d \d\d:\d\d:\d\d\b", row)
+    assert run_cli("image", "delete", host, "disk.img", *common).returncode == 0
+
+
+def test_guest_help_says_what_each_verb_does() -> None:
+    helped = run_cli("guest", "--help").stdout
+    assert "show a guest's details" in helped and "show a guest's console" in helped
+    assert "info a guest" not in helped and "console a guest" not in helped

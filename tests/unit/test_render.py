@@ -91,7 +91,8 @@ def test_networkd_never_blocks_boot(spec: Spec, tmp_path: Path) -> None:
 
 def test_cmdline_puts_serial_last_so_it_gets_dev_console(spec: Spec) -> None:
     assert (
-        kernel_cmdline(spec) == "boot=live nonetworking toram=filesystem.squashfs console=tty0 console=ttyS0,115200n8 intel_iommu=on"
+        kernel_cmdline(spec)
+        == "boot=live nonetworking toram=filesystem.squashfs console=tty0 console=ttyS0,115200n8 intel_iommu=on"
     )
 
 
