@@ -27,7 +27,7 @@ from appliance.boot.vm import BootConfig, KernelPanicError, QemuError, VmPaths, 
 from appliance.manifest import Manifest, MissingArtifactError
 
 
-def write_build(out_dir: Path, build_id: str, outputs: tuple[str, ...] = ("appliance.raw",)) -> dict[str, object]:
+def write_build(out_dir: Path, build_id: str, outputs: tuple[str, ...] = ("appliance.raw",)) -> Manifest:
     out_dir.mkdir(exist_ok=True)
     (out_dir / "appliance.raw").write_bytes(b"\0" * 1024 * 1024)
     manifest = {"build_id": build_id, "artifacts": [{"file": name} for name in outputs]}
@@ -173,7 +173,7 @@ def test_a_copied_build_directory_boots_its_own_image(tmp_path: Path) -> None:
 
 def test_an_overlay_over_another_directorys_image_is_replaced_saying_why(tmp_path: Path) -> None:
     original, copy = tmp_path / "out", tmp_path / "copy"
-    manifest = write_build(original, "b1")
+    write_build(original, "b1")
     shutil.copytree(original, copy)
     # As overlays were made before: the backing file by its absolute path, here the original's.
     (copy / "run").mkdir()
