@@ -207,10 +207,12 @@ def parse_nics(value: object) -> tuple[Nic, ...]:
     if not isinstance(value, list) or len(value) > MAX_NICS:
         raise invalid(f"nics must be a list of at most {MAX_NICS} NICs", "nics")
     nics = tuple(parse_nic(nic, index) for index, nic in enumerate(value))
-    macs = [nic.mac for nic in nics if nic.mac]
+    seen: set[str] = set()
     for index, nic in enumerate(nics):
-        if nic.mac and macs.count(nic.mac) > 1:
-            raise invalid_field(f"nics[{index}].mac", f"{nic.mac} is given to more than one NIC of this guest")
+        if nic.mac in seen:
+            raise invalid_field(f"nics[{index}].mac", f"{nic.mac} is given to an earlier NIC of this guest too")
+        if nic.mac:
+            seen.add(nic.mac)
     return nics
 
 
