@@ -1,4 +1,7 @@
-"""Command line of the node agent: `appliance-agent serve|report|ready|autostart|powerdown-guest`."""
+"""Command line of the node agent.
+
+`appliance-agent serve|report|ready|autostart|powerdown-guest|tap-helper|launch-guest`
+"""
 
 from __future__ import annotations
 
