@@ -15,7 +15,6 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 from appliance.agent.nics import PASST, LaunchPlan, PasstRequest, TapRequest
 
@@ -104,7 +103,7 @@ def main(plan_json: str, qemu_argv: list[str]) -> int:
     try:
         launch(LaunchPlan.from_json(plan_json), qemu_argv)
     except LaunchError as error:
-        print(f"{Path(qemu_argv[0]).name}: {error}", file=sys.stderr)
+        print(f"launch-guest: {error}", file=sys.stderr)
         return 1
     except OSError as error:
         print(f"launch-guest: cannot run {qemu_argv[0]}: {error.strerror}", file=sys.stderr)
