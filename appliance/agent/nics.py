@@ -178,7 +178,7 @@ def nic_argv(spec: GuestSpec, directory: Path, config: NetworkConfig) -> tuple[l
     """QEMU's -netdev/-device arguments for the guest's NICs, and the descriptors they need made first."""
     argv: list[str] = []
     plan = LaunchPlan(tap_helper_socket=str(config.tap_helper_socket))
-    vhost = ",vhost=on" if vhost_usable() else ""
+    vhost = ",vhost=on" if vhost_usable(VHOST_NET) else ""
     for index, nic in enumerate(spec.nics):
         fd = FIRST_FD + index
         netdev = f"net{index}"

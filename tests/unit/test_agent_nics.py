@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from appliance.agent import nics
 from appliance.agent.errors import AgentError
 from appliance.agent.host import Bridge, read_bridges
 from appliance.agent.model import Nic, NicModel, guest_spec_from_json, parse_guest_spec
@@ -144,6 +145,14 @@ def test_qemu_arguments_and_the_launch_plan(tmp_path: Path) -> None:
     assert wrapped == ["agent", "launch-guest", plan.to_json(), "--", "qemu-system-x86_64", "-m", "64"]
     # Without NICs that need descriptors, QEMU runs as it is.
     assert launch_argv(("agent",), LaunchPlan(tap_helper_socket="/s"), ["qemu"]) == ["qemu"]
+
+
+def test_taps_use_vhost_net_where_the_node_has_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = parse_guest_spec({**BASE, "nics": [{"bridge": "br0"}]})
+    monkeypatch.setattr(nics, "VHOST_NET", tmp_path / "vhost-net")
+    assert nic_argv(spec, tmp_path, CONFIG)[0][1] == "tap,id=net0,fd=3"
+    (tmp_path / "vhost-net").touch(mode=0o600)
+    assert nic_argv(spec, tmp_path, CONFIG)[0][1] == "tap,id=net0,fd=3,vhost=on"
 
 
 def test_tap_names_fit_an_interface_name_and_differ_per_guest_and_nic() -> None:
