@@ -10,7 +10,7 @@ BIN      := $(VENV)/bin
 APT_PACKAGES := python3-venv qemu-system-x86 qemu-utils debootstrap squashfs-tools xorriso mtools \
 	dosfstools fdisk gdisk grub-pc-bin grub-efi-amd64-bin grub-common ovmf busybox-static \
 	openssh-server openssh-client e2fsprogs cpio zstd sudo kpartx rsync \
-	file
+	file dnsmasq-base passt cloud-init
 
 .PHONY: deps image demo test test-fast lint bench clean
 

@@ -1,4 +1,7 @@
-"""Command line of the node agent: `appliance-agent serve|report|ready|autostart|powerdown-guest`."""
+"""Command line of the node agent.
+
+`appliance-agent serve|report|ready|autostart|powerdown-guest|tap-helper|launch-guest`
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from appliance.agent import launch, taps
 from appliance.agent.accel import AccelChoice, node_accel
 from appliance.agent.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from appliance.agent.guests import Hypervisor, powerdown_guest, start_autostart_guests
@@ -41,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
         "powerdown-guest", help="ask a guest to power down and wait (the ExecStop of a guest's systemd unit)"
     )
     powerdown.add_argument("name")
+    verbs.add_parser(
+        "tap-helper",
+        help="as root: make one guest tap on an allowed bridge and pass it back over the socket on stdin "
+        "(run by appliance-tap-helper.socket)",
+    )
+    launcher = verbs.add_parser(
+        "launch-guest", help="make a guest's NIC descriptors (taps, passt), then exec QEMU (the guest's command)"
+    )
+    launcher.add_argument("plan", help="what to make, as JSON (written by the agent)")
+    launcher.add_argument("qemu", nargs=argparse.REMAINDER, help="-- and QEMU's command line")
     return parser
 
 
@@ -72,13 +86,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "report":
         print(json.dumps(collect_report(config.build_info_path).to_json(), indent=2, sort_keys=True))
         return 0
+    if args.verb == "tap-helper":
+        return taps.main(config.network)
+    if args.verb == "launch-guest":
+        return launch.main(args.plan, args.qemu)
     accel = node_accel(os.environ.get("APPLIANCE_ACCEL") or config.accel, state_dir / ACCEL_CACHE_NAME)
     if args.verb in ("serve", "autostart", "powerdown-guest"):
         manager = find_user_manager()
         supervisor: Supervisor = (
             SystemdSupervisor(manager, own_command(args.config, state_dir)) if manager else ProcessSupervisor()
         )
-        hypervisor = Hypervisor(state_dir=state_dir, accel=accel, policy=config.policy, supervisor=supervisor)
+        hypervisor = Hypervisor(
+            state_dir=state_dir,
+            accel=accel,
+            policy=config.policy,
+            supervisor=supervisor,
+            network=config.network,
+            agent_command=own_command(args.config, state_dir),
+        )
         context = ServerContext(hypervisor, config.build_info_path)
         if args.verb == "serve":
             serve(context, sys.stdin.buffer, sys.stdout.buffer)

@@ -6,6 +6,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.agent.nics import NetworkConfig
 from appliance.agent.policy import Policy, read_policy
 
 DEFAULT_CONFIG_PATH = Path("/etc/appliance/agent.toml")
@@ -24,6 +25,7 @@ class AgentConfig:
     # "auto": KVM where a probe guest runs under it, else TCG; or "kvm"/"tcg".
     accel: str = "auto"
     policy: Policy = field(default_factory=Policy)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -46,6 +48,7 @@ def load_config(path: Path) -> AgentConfig:
         ready_marker=str(agent.get("ready_marker", "APPLIANCE-READY")),
         accel=accel,
         policy=policy_of(data.get("policy", {}), path),
+        network=read_network(data.get("network", {}), path),
     )
 
 
@@ -59,3 +62,17 @@ def policy_of(table: object, path: Path) -> Policy:
         reasons = "; ".join(f"{refusal.key} = {refusal.value!r}: {refusal.allowed}" for refusal in refusals)
         raise ConfigError(f"{path}: [policy] {reasons}")
     return policy
+
+
+def read_network(table: object, path: Path) -> NetworkConfig:
+    """[network]: the bridges guest NICs may use (read by the agent and by the root tap helper)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [network] must be a table")
+    defaults = NetworkConfig()
+    bridges = table.get("allowed_bridges", list(defaults.allowed_bridges))
+    if not isinstance(bridges, list) or not all(isinstance(bridge, str) for bridge in bridges):
+        raise ConfigError(f"{path}: [network] allowed_bridges must be a list of bridge names")
+    return NetworkConfig(
+        allowed_bridges=tuple(bridges),
+        tap_helper_socket=Path(str(table.get("tap_helper_socket", defaults.tap_helper_socket))),
+    )

@@ -14,6 +14,7 @@ import json
 import os
 import pwd
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,10 +22,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from appliance.agent import nics, seed
 from appliance.agent.accel import AccelChoice
 from appliance.agent.crashpoints import crash_point
 from appliance.agent.errors import AgentError, ErrorCode, guest_exists, guest_not_running, image_not_found
-from appliance.agent.host import read_meminfo
+from appliance.agent.host import read_bridges, read_meminfo
 from appliance.agent.locks import LockTimeout, held
 from appliance.agent.model import CPU_FIELDS, GuestSpec, check_name, parse_cpu_limits, updated_spec
 from appliance.agent.policy import Capacity, Policy, check_create, check_disks, check_start
@@ -46,6 +48,9 @@ class Hypervisor:
     accel: AccelChoice
     policy: Policy = field(default_factory=Policy)
     supervisor: Supervisor = field(default_factory=ProcessSupervisor)
+    network: nics.NetworkConfig = field(default_factory=nics.NetworkConfig)
+    # How a guest's launcher (launch.py) runs this agent again.
+    agent_command: tuple[str, ...] = (sys.executable, "-m", "appliance.agent")
 
     def capacity(self) -> Capacity:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -134,6 +139,7 @@ def work_dir(host: Hypervisor, prefix: str, name: str) -> Path:
 
 def create_guest(host: Hypervisor, store: Store, spec: GuestSpec) -> dict[str, Any]:
     """Disks in a private directory, then the row, then the directory under the guest's name."""
+    spec = nics.assign_nics(spec, store.guests(), host.network)
     capacity = host.capacity()
     defined = store.guests()
     check_create(host.policy, capacity, defined, spec)
@@ -148,6 +154,8 @@ def create_guest(host: Hypervisor, store: Store, spec: GuestSpec) -> dict[str, A
         making.directory.mkdir(parents=True)
         try:
             make_disks(host, spec, making)
+            if spec.cloud_init:
+                seed.ensure_seed(making.directory, spec.name, spec.cloud_init)
             crash_point("guest-create:disks")
             store.add_guest(spec)
         except BaseException:
@@ -180,15 +188,19 @@ def qemu_argv(host: Hypervisor, spec: GuestSpec, paths: GuestFiles) -> list[str]
     ]  # fmt: skip
     for index, _ in enumerate(spec.disks):
         argv += ["-drive", f"file={paths.disk(index)},if=virtio,format=qcow2"]
-    for index in range(spec.nics):
-        argv += ["-netdev", f"user,id=net{index}", "-device", f"virtio-net-pci,netdev=net{index},romfile="]
+    if spec.cloud_init:
+        # The NoCloud seed (made by create, or start, when missing), after the disks: they keep their names.
+        cidata = seed.seed_path(paths.directory, spec.name, spec.cloud_init)
+        argv += ["-drive", f"file={cidata},if=virtio,format=raw,readonly=on"]
+    nic_args, plan = nics.nic_argv(spec, paths.directory, host.network)
+    argv += nic_args
     if spec.kernel_boot:
         argv += ["-kernel", str(host.image(spec.kernel_boot.kernel_image))]
         if spec.kernel_boot.initrd_image:
             argv += ["-initrd", str(host.image(spec.kernel_boot.initrd_image))]
         if spec.kernel_boot.cmdline:
             argv += ["-append", spec.kernel_boot.cmdline]
-    return argv
+    return nics.launch_argv(host.agent_command, plan, argv)
 
 
 def start_guest(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
@@ -203,6 +215,10 @@ def start_locked(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
         raise AgentError(ErrorCode.GUEST_RUNNING, f"guest {name!r} is already running")
     running = [other for other in store.guests() if running_pid(host.paths(other.name)) is not None]
     check_start(host.policy, host.capacity(), running, spec)
+    # The node's bridges may have changed since create; the seed may predate this agent.
+    nics.check_nics_on_node(spec, host.network, read_bridges())
+    if spec.cloud_init:
+        seed.ensure_seed(paths.directory, spec.name, spec.cloud_init)
     paths.qmp_socket.unlink(missing_ok=True)
     paths.console_log.unlink(missing_ok=True)
     started = time.monotonic()
@@ -266,8 +282,8 @@ def update_guest(host: Hypervisor, store: Store, name: str, changes: dict[str, A
     """A new definition for a guest: kept at once, in effect from its next start (CPU limits at once)."""
     with operation(host, name):
         spec = store.guest(name)
-        updated = updated_spec(spec, changes)
         others = [other for other in store.guests() if other.name != name]
+        updated = nics.assign_nics(updated_spec(spec, changes), others, host.network)
         check_create(host.policy, host.capacity(), others, updated)
         running = running_pid(host.paths(name)) is not None
         if running and (updated.cpu_weight, updated.cpu_quota_percent) != (spec.cpu_weight, spec.cpu_quota_percent):

@@ -21,6 +21,16 @@ class KvmState:
 
 
 @dataclass(frozen=True)
+class Bridge:
+    """A Linux bridge on the node, as /sys/class/net shows it."""
+
+    name: str
+    vlan_filtering: bool
+    ports: tuple[str, ...]
+    mtu: int
+
+
+@dataclass(frozen=True)
 class HostReport:
     hostname: str
     kernel: str
@@ -36,6 +46,8 @@ class HostReport:
     # The partition holding it when persistent, e.g. /dev/vda5 or a claimed disk's /dev/sdb1; else "".
     state_device: str
     agent_rss_bytes: int
+    # Bridges guest NICs may name (those the tap helper allows are in the agent config).
+    bridges: tuple[Bridge, ...] = ()
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -104,6 +116,32 @@ def probe_kvm(device: Path = Path("/dev/kvm")) -> KvmState:
     return KvmState(present=True, usable=True, detail="KVM API version 12")
 
 
+SYS_CLASS_NET = Path("/sys/class/net")
+
+
+def read_sys_value(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def read_bridges(sys_class_net: Path = SYS_CLASS_NET) -> dict[str, Bridge]:
+    """The node's bridges by name: every interface with a bridge/ directory."""
+    bridges: dict[str, Bridge] = {}
+    for bridge_dir in sorted(sys_class_net.glob("*/bridge")):
+        interface = bridge_dir.parent
+        ports = tuple(sorted(port.name for port in (interface / "brif").glob("*")))
+        mtu = read_sys_value(interface / "mtu")
+        bridges[interface.name] = Bridge(
+            name=interface.name,
+            vlan_filtering=read_sys_value(bridge_dir / "vlan_filtering") == "1",
+            ports=ports,
+            mtu=int(mtu) if mtu.isdigit() else 0,
+        )
+    return bridges
+
+
 STORAGE_MARKER = Path("/run/appliance/storage")
 STORAGE_DEVICE_MARKER = Path("/run/appliance/storage-device")
 
@@ -141,4 +179,5 @@ def collect_report(build_info_path: Path) -> HostReport:
         state_storage=read_state_storage(),
         state_device=read_state_device(),
         agent_rss_bytes=read_rss(),
+        bridges=tuple(read_bridges().values()),
     )

@@ -22,6 +22,7 @@ ELEMENTS = (
     "appliance-base",
     "appliance-kvm",
     "appliance-agent",
+    "appliance-guest-net",
     "appliance-ssh",
     "appliance-data",
     "appliance-live",

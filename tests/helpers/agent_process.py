@@ -7,22 +7,40 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 
 class AgentProcess:
     def __init__(
-        self, state_dir: Path, accel: str = "tcg", config: Path | None = None, env: dict[str, str] | None = None
+        self,
+        state_dir: Path,
+        accel: str = "tcg",
+        config: Path | None = None,
+        wrapper: Sequence[str] = (),
+        python: str = sys.executable,
+        env: dict[str, str] | None = None,
     ) -> None:
+        """`wrapper` runs the agent through another command (e.g. `ip netns exec NS setpriv ...`),
+        `python` with another interpreter (the agent needs only the standard library)."""
         # Without --config the agent would read the node's /etc/appliance/agent.toml.
         config = config or state_dir.parent / "no-agent.toml"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "appliance.agent", "--config", str(config), "--state-dir", str(state_dir), "serve"],
+            [
+                *wrapper,
+                python,
+                "-m",
+                "appliance.agent",
+                "--config",
+                str(config),
+                "--state-dir",
+                str(state_dir),
+                "serve",
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            env={**os.environ, "APPLIANCE_ACCEL": accel, **(env or {})},
+            env={**os.environ, **(env or {}), "APPLIANCE_ACCEL": accel},
         )
 
     def send_raw(self, line: bytes) -> dict[str, Any]:

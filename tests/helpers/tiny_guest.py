@@ -7,6 +7,18 @@ is really carried out by the guest, not only requested) and acpid (so an ACPI
 power-down really powers it off). It prints TINY_GUEST_MARKER on its serial
 port and then every few seconds the memory it has, so tests can see the
 balloon take effect.
+
+Beside that, in the background, so the marker comes as early as before:
+- a volume labelled `cidata` (a NoCloud seed) is mounted; the guest takes the
+  seed's host name and prints `tiny-seed hostname=NAME` and one
+  `tiny-seed key=KEY` per SSH key in its user-data;
+- a NIC (virtio_net) takes an address by DHCP (busybox udhcpc) and prints
+  `tiny-address IFACE ADDRESS`;
+- `tiny.serve=PORT` on the kernel command line answers every TCP connection
+  on PORT with `tiny-hello from NAME`, printing `tiny-served` on the console;
+  `tiny.connect=HOST:PORT` connects until it gets an answer and prints it as
+  `tiny-got ANSWER`; `tiny.probe=HOST:PORT` tries once a second and prints
+  `tiny-probe HOST:PORT open` or `... closed` each time.
 """
 
 from __future__ import annotations
@@ -34,6 +46,14 @@ MODULES = (
     "drivers/virtio/virtio_balloon.ko",
     "drivers/input/evdev.ko",
     "drivers/acpi/button.ko",
+    "net/core/failover.ko",
+    "drivers/net/net_failover.ko",
+    "drivers/net/virtio_net.ko",
+    "drivers/block/virtio_blk.ko",
+    "fs/fat/fat.ko",
+    "fs/fat/vfat.ko",
+    "fs/nls/nls_cp437.ko",
+    "fs/nls/nls_ascii.ko",
 )
 
 INIT = f"""#!/bin/busybox sh
@@ -46,6 +66,7 @@ for module in /modules/*.ko; do insmod "$module"; done
 acpid -d -c /etc/acpi &
 
 echo "{TINY_GUEST_MARKER} $(nproc) cpus"
+/bin/tiny-extras &
 while true; do
     echo "memtotal-kib $(awk '/MemTotal/ {{print $2}}' /proc/meminfo)"
     sleep 2
@@ -53,6 +74,68 @@ done
 """
 
 POWER_BUTTON = "#!/bin/sh\necho powering off\npoweroff -f\n"
+
+# The seed, the network and the roles the kernel command line asks for (see the module's docstring).
+EXTRAS = r"""#!/bin/sh
+mkdir -p /mnt/seed
+seed=$(findfs LABEL=cidata 2>/dev/null)
+if [ -n "$seed" ] && mount -t vfat -o ro "$seed" /mnt/seed; then
+    name=$(sed -n 's/^local-hostname: *//p' /mnt/seed/meta-data)
+    [ -n "$name" ] && hostname "$name"
+    echo "tiny-seed hostname=$(hostname)"
+    grep -o 'ssh-[a-z0-9-]* [A-Za-z0-9+/=]*' /mnt/seed/user-data | while read -r key; do
+        echo "tiny-seed key=$key"
+    done
+fi
+ip link set lo up
+[ -e /sys/class/net/eth0 ] || exit 0
+ip link set eth0 up
+until udhcpc -i eth0 -s /bin/tiny-dhcp -q -n -t 5 -T 2 >/dev/null 2>&1; do sleep 1; done
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+    tiny.serve=*)
+        nc -ll -p "${word#tiny.serve=}" -e /bin/tiny-answer &
+        ;;
+    tiny.connect=*)
+        target="${word#tiny.connect=}"
+        (until answer=$(timeout 5 nc -w 3 "${target%:*}" "${target#*:}" </dev/null) && [ -n "$answer" ]; do
+            sleep 1
+         done
+         echo "tiny-got $answer") &
+        ;;
+    tiny.probe=*)
+        target="${word#tiny.probe=}"
+        (while true; do
+            if timeout 3 nc -w 2 "${target%:*}" "${target#*:}" </dev/null >/dev/null 2>&1; then
+                state=open
+            else
+                state=closed
+            fi
+            echo "tiny-probe $target $state"
+            sleep 1
+        done) &
+        ;;
+    esac
+done
+"""
+
+# udhcpc's hook: configure what the lease gave and say so.
+DHCP_SCRIPT = r"""#!/bin/sh
+case "$1" in
+bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+    echo "tiny-address $interface $ip" > /dev/console
+    ;;
+esac
+"""
+
+# Run by nc for each connection on tiny.serve's port: stdout goes to the peer.
+ANSWER = """#!/bin/sh
+echo "tiny-hello from $(hostname)"
+echo "tiny-served" > /dev/console
+"""
 
 
 @dataclass(frozen=True)
@@ -106,9 +189,16 @@ def build_tiny_guest(directory: Path, cache: Path = CACHE_DIR) -> TinyGuest:
     shutil.copy(busybox, tree / "bin" / "busybox")
     for number, module in enumerate(MODULES):
         shutil.copy(modules_dir / "kernel" / module, tree / "modules" / f"{number:02d}-{Path(module).name}")
-    (tree / "init").write_text(INIT)
-    (tree / "etc" / "acpi" / "PWRF" / "00000080").write_text(POWER_BUTTON)
-    for executable in (tree / "init", tree / "etc" / "acpi" / "PWRF" / "00000080", tree / "bin" / "busybox"):
+    scripts = {
+        tree / "init": INIT,
+        tree / "etc" / "acpi" / "PWRF" / "00000080": POWER_BUTTON,
+        tree / "bin" / "tiny-extras": EXTRAS,
+        tree / "bin" / "tiny-dhcp": DHCP_SCRIPT,
+        tree / "bin" / "tiny-answer": ANSWER,
+    }
+    for path, text in scripts.items():
+        path.write_text(text)
+    for executable in (*scripts, tree / "bin" / "busybox"):
         executable.chmod(executable.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     initrd = directory / "tiny-initrd.gz"
     names = sorted(str(path.relative_to(tree)) for path in tree.rglob("*"))

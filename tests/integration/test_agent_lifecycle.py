@@ -70,3 +70,15 @@ def test_node_verbs_need_systemd_and_say_so(agent: AgentProcess) -> None:
         assert agent.error_code(method) == "unsupported", method
     assert agent.error_code("node.logs", {"unit": "a b"}) == "invalid_params"
     assert agent.error_code("node.logs", {"lines": 0}) == "invalid_params"
+
+
+def test_update_changes_nics_and_the_seed_and_keeps_macs_unique(agent: AgentProcess) -> None:
+    updated = agent.result("guest.update", {"name": "g1", "nics": [{"user": True}], "cloud_init": {"hostname": "a"}})
+    assert updated["changed"] == ["cloud_init", "nics"]
+    (nic,) = updated["definition"]["nics"]
+    assert nic["user"] and nic["mac"]  # derived, and kept from now on
+    again = agent.result("guest.update", {"name": "g1", "cloud_init": {"hostname": "b"}})
+    assert again["definition"]["nics"][0]["mac"] == nic["mac"] and again["changed"] == ["cloud_init"]
+    agent.result("guest.create", {**GUEST, "name": "g2", "disks": [{"size_gib": 1}]})
+    reply = agent.call("guest.update", {"name": "g2", "nics": [{"user": True, "mac": nic["mac"]}]})
+    assert reply["error"]["data"]["field"] == "nics[0].mac" and "'g1'" in reply["error"]["message"]

@@ -84,6 +84,16 @@ def test_agent_config_names_the_agent_user(spec: Spec, tmp_path: Path) -> None:
     assert config["agent"]["ready_marker"] == READY_MARKER
 
 
+def test_agent_config_lets_guests_on_br0_only_through_the_tap_helpers_socket(spec: Spec, tmp_path: Path) -> None:
+    from appliance.agent.config import load_config
+
+    path = tmp_path / "agent.toml"
+    path.write_text(rendered(spec, tmp_path)["appliance-agent/static/etc/appliance/agent.toml"])
+    network = load_config(path).network
+    assert network.allowed_bridges == ("br0",)
+    assert str(network.tap_helper_socket) == "/run/appliance/tap-helper.sock"
+
+
 def test_networkd_never_blocks_boot(spec: Spec, tmp_path: Path) -> None:
     network = rendered(spec, tmp_path)["appliance-base/static/etc/systemd/network/80-appliance-wired.network"]
     assert "DHCP=yes" in network and "RequiredForOnline=no" in network
