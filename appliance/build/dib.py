@@ -23,6 +23,7 @@ ELEMENTS = (
     "appliance-kvm",
     "appliance-agent",
     "appliance-guest-net",
+    "appliance-network",
     "appliance-ssh",
     "appliance-data",
     "appliance-live",
