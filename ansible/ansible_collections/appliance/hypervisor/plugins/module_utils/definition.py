@@ -102,8 +102,12 @@ def section_shape(section: dict[str, Any] | None) -> dict[str, Any] | None:
     """A section without its empty values; None when nothing is left (`{}` in a task: remove it)."""
     if section is None:
         return None
-    kept = {key: value for key, value in section.items() if value not in (None, "", [], {})}
+    kept = {key: value for key, value in section.items() if not empty(value)}
     return kept or None
+
+
+def empty(value: Any) -> bool:
+    return value is None or value == "" or (isinstance(value, list | tuple | dict) and not value)
 
 
 def cloud_init_shape(section: dict[str, Any] | None) -> dict[str, Any] | None:
