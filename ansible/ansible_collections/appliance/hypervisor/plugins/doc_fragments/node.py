@@ -63,3 +63,18 @@ notes:
     C(policy_memory)) or the client's (such as C(connection_failed), C(auth_failed), C(host_key), C(timeout)),
     and the agent's error data in C(details).
 """
+
+    # The attributes every module shares (ansible.builtin.action_common_attributes and .flow describe them).
+    ATTRIBUTES = r"""
+attributes:
+  platform:
+    platforms: posix
+    details: Runs on the controller, which reaches the node over SSH.
+  action:
+    support: full
+    details: The action plugin fills the node's address from the inventory and runs the module on the controller.
+  async:
+    support: none
+  bypass_host_loop:
+    support: none
+"""

@@ -19,7 +19,7 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 try:
     from appliance.errors import ApplianceError
-    from appliance.nodes.client import Node, NodeAddress, parse_address
+    from appliance.nodes.client import Node, NodeAddress, check_image_upload, parse_address
     from appliance.nodes.errors import AgentCallError
     from appliance.nodes.keys import Keyring
 except ImportError:
@@ -101,6 +101,16 @@ class NodeSession:
             return self.call(method, params)
         with self._node(seconds + LONG_CALL_MARGIN) as node:
             return node.call(method, params)
+
+    @staticmethod
+    def check_image_file(path: Path, name: str) -> None:
+        """What the client can tell of an image push without the node: a readable file, a name the agent takes."""
+        check_image_upload(path, name)
+
+    def push_image(self, path: Path, name: str) -> Any:
+        """The file into the node's image store, which checks the sha256 of what it receives. The caller has
+        checked the file and seen that the node has no image of that name."""
+        return self.node.push_image(path, name, checked=True)
 
     def guest_info(self, name: str) -> dict[str, Any] | None:
         """guest.info, or None when the node has no such guest."""

@@ -19,6 +19,9 @@ description:
   - Disks cannot change through an update; a task whose O(disks) differ from the guest's fails (code C(unsupported)).
 extends_documentation_fragment:
   - appliance.hypervisor.node
+  - appliance.hypervisor.node.attributes
+  - ansible.builtin.action_common_attributes
+  - ansible.builtin.action_common_attributes.flow
 attributes:
   check_mode:
     support: full
@@ -27,8 +30,6 @@ attributes:
   diff_mode:
     support: full
     details: The definition and power state before and after.
-  platform:
-    platforms: posix
 options:
   name:
     description: The guest's name (1-63 letters, digits, C(_), C(.), C(-)).
@@ -166,7 +167,7 @@ seealso:
   - module: appliance.hypervisor.guest_info
   - module: appliance.hypervisor.image
 author:
-  - The appliance project
+  - The appliance project (!UNKNOWN)
 """
 
 EXAMPLES = r"""

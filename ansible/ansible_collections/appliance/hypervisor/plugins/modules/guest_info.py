@@ -11,13 +11,14 @@ description:
   - The agent's C(guest.info) for one guest, or for every guest on the node. Changes nothing.
 extends_documentation_fragment:
   - appliance.hypervisor.node
+  - appliance.hypervisor.node.attributes
+  - ansible.builtin.action_common_attributes
+  - ansible.builtin.action_common_attributes.flow
 attributes:
   check_mode:
     support: full
   diff_mode:
     support: none
-  platform:
-    platforms: posix
 options:
   name:
     description: One guest; without it, every guest. A guest the node does not have gives an empty list.
@@ -30,7 +31,7 @@ seealso:
   - module: appliance.hypervisor.guest
   - module: appliance.hypervisor.node_info
 author:
-  - The appliance project
+  - The appliance project (!UNKNOWN)
 """
 
 EXAMPLES = r"""

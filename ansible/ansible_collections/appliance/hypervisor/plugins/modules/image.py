@@ -16,6 +16,9 @@ description:
     (its disks are copy-on-write over it) keeps the node from deleting it (code C(image_in_use)).
 extends_documentation_fragment:
   - appliance.hypervisor.node
+  - appliance.hypervisor.node.attributes
+  - ansible.builtin.action_common_attributes
+  - ansible.builtin.action_common_attributes.flow
 attributes:
   check_mode:
     support: full
@@ -23,8 +26,6 @@ attributes:
   diff_mode:
     support: full
     details: The image's name, size and sha256 before and after.
-  platform:
-    platforms: posix
 options:
   name:
     description: The image's name in the store (1-63 letters, digits, C(_), C(.), C(-)).
@@ -45,7 +46,7 @@ options:
 seealso:
   - module: appliance.hypervisor.guest
 author:
-  - The appliance project
+  - The appliance project (!UNKNOWN)
 """
 
 EXAMPLES = r"""
@@ -129,9 +130,6 @@ def diff_entry(image: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def run(module: AnsibleModule, session: NodeSession) -> dict[str, Any]:
-    # Imported here: the module reports a missing `appliance` package before this runs.
-    from appliance.nodes.client import check_image_upload
-
     name: str = module.params["name"]
     images = {image["name"]: image for image in session.call("image.list", idempotent=True)}
     before = images.get(name)
@@ -144,7 +142,7 @@ def run(module: AnsibleModule, session: NodeSession) -> dict[str, Any]:
                 session.call("image.delete", {"name": name})
     else:
         src = Path(module.params["src"])
-        check_image_upload(src, name)
+        session.check_image_file(src, name)
         sha256 = file_sha256(src)
         result.update(sha256=sha256, replaced=False)
         after = before
@@ -161,7 +159,7 @@ def run(module: AnsibleModule, session: NodeSession) -> dict[str, Any]:
             if not module.check_mode:
                 if before is not None:
                     session.call("image.delete", {"name": name})
-                session.node.push_image(src, name, checked=True)
+                session.push_image(src, name)
                 listed = {image["name"]: image for image in session.call("image.list", idempotent=True)}
                 after = listed.get(name)
         if after is not None:

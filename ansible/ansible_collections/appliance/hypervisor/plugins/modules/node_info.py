@@ -12,18 +12,19 @@ description:
     store (C(image.list)). Changes nothing.
 extends_documentation_fragment:
   - appliance.hypervisor.node
+  - appliance.hypervisor.node.attributes
+  - ansible.builtin.action_common_attributes
+  - ansible.builtin.action_common_attributes.flow
 attributes:
   check_mode:
     support: full
   diff_mode:
     support: none
-  platform:
-    platforms: posix
 options: {}
 seealso:
   - module: appliance.hypervisor.guest_info
 author:
-  - The appliance project
+  - The appliance project (!UNKNOWN)
 """
 
 EXAMPLES = r"""
