@@ -36,6 +36,7 @@ PLAYBOOKS = Path(__file__).parent / "ansible"
 BIN = Path(sys.executable).parent
 # A disk of one sector does not boot under SeaBIOS; a megabyte does.
 MARKER_GUEST_DISK = PROBE_BOOT_SECTOR.ljust(1 << 20, b"\0")
+MARKER_SHA256 = hashlib.sha256(MARKER_GUEST_DISK).hexdigest()
 NODES = ("node0", "node1", "node2")
 DEAD = "dead"
 RECAP = re.compile(
@@ -123,6 +124,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     env["ANSIBLE_COLLECTIONS_PATH"] = str(install_collection(directory, env))
     image = directory / "marker.img"
     image.write_bytes(MARKER_GUEST_DISK)
+    other_image = directory / "other.img"
+    other_image.write_bytes(MARKER_GUEST_DISK[:-1] + b"\1")
     state_dirs = {node: directory / f"{node}-state" for node in NODES}
     # The agent behind sshd would probe KVM first (slow here, and useless: it cannot run guests).
     servers = {node: Sshd(directory / node, public_key, state_dirs[node], extra_config="SetEnv APPLIANCE_ACCEL=tcg\n")
@@ -132,7 +135,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     inventory.write_text("[hypervisors]\n" + "".join(
         f"{node} ansible_host=127.0.0.1 ansible_port={port} ansible_user=root\n" for node, port in hosts.items()
     ))  # fmt: skip
-    extra_vars = ["-e", json.dumps({"image_file": str(image), "operator_public_key": public_key})]
+    extra_vars = ["-e", json.dumps({"image_file": str(image), "other_image_file": str(other_image),
+                                    "operator_public_key": public_key})]  # fmt: skip
     try:
         for server in servers.values():
             server.start()
@@ -158,7 +162,7 @@ def test_a_playbook_creates_the_image_and_guests_and_the_dead_node_fails_alone(f
     assert "Traceback" not in run.stdout + run.stderr, run
     for node in NODES:
         (image,) = fleet.agent(node, "image.list")
-        assert image["sha256"] == hashlib.sha256(MARKER_GUEST_DISK).hexdigest()
+        assert image["sha256"] == MARKER_SHA256
         states = {guest["name"]: guest["state"] for guest in fleet.agent(node, "guest.list")}
         assert states == {"web": "running", "db": "stopped"}
         db = fleet.agent(node, "guest.info", {"name": "db"})["definition"]
@@ -187,19 +191,20 @@ def test_check_mode_predicts_a_change_and_makes_none_and_refusals_carry_codes(fl
     recap = run.recap()
     for node in NODES:
         # web's memory is the change; the refusals are ignored failures, asserted in the playbook.
-        assert recap[node]["changed"] == 1 and recap[node]["failed"] == 0 and recap[node]["ignored"] == 3, run
+        assert recap[node]["changed"] == 1 and recap[node]["failed"] == 0 and recap[node]["ignored"] == 4, run
     assert re.search(r'^-\s+"memory_mib": 32,$', run.stdout, re.MULTILINE), run
     assert re.search(r'^\+\s+"memory_mib": 64,$', run.stdout, re.MULTILINE), run
     for node in NODES:
         after = fleet.agent(node, "guest.info", {"name": "web"})
         assert after["definition"] == before[node]["definition"] and after["pid"] == before[node]["pid"]
         assert [guest["name"] for guest in fleet.agent(node, "guest.list")] == ["db", "web"]
+        assert [image["sha256"] for image in fleet.agent(node, "image.list")] == [MARKER_SHA256]
 
 
 def test_state_absent_removes_guests_and_image(fleet: Fleet) -> None:
     run = fleet.playbook("absent.yml")
     recap = run.recap()
     for node in NODES:
-        assert recap[node]["changed"] == 3 and recap[node]["failed"] == 0, run
+        assert recap[node]["changed"] == 4 and recap[node]["failed"] == 0, run  # web, db, the image replaced, removed
         assert fleet.agent(node, "guest.list") == [] and fleet.agent(node, "image.list") == []
     assert recap[DEAD]["failed"] == 1, run
