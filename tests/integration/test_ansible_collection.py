@@ -201,10 +201,11 @@ def test_check_mode_predicts_a_change_and_makes_none_and_refusals_carry_codes(fl
         assert [image["sha256"] for image in fleet.agent(node, "image.list")] == [MARKER_SHA256]
 
 
-def test_state_absent_removes_guests_and_image(fleet: Fleet) -> None:
+def test_an_update_with_a_restart_then_state_absent_removes_guests_and_image(fleet: Fleet) -> None:
     run = fleet.playbook("absent.yml")
     recap = run.recap()
     for node in NODES:
-        assert recap[node]["changed"] == 4 and recap[node]["failed"] == 0, run  # web, db, the image replaced, removed
+        # web restarted with more memory, web and db removed, the image replaced and removed
+        assert recap[node]["changed"] == 5 and recap[node]["failed"] == 0, run
         assert fleet.agent(node, "guest.list") == [] and fleet.agent(node, "image.list") == []
     assert recap[DEAD]["failed"] == 1, run
