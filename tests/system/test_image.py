@@ -206,3 +206,26 @@ def test_guests_run_as_systemd_units_of_the_agent_user(node: BootedNode, tmp_pat
         assert client.call("guest.stop", {"name": "unit-g", "timeout": 2}) == {"name": "unit-g", "forced": True}
         assert client.call("guest.info", {"name": "unit-g"})["state"] == "stopped"
         client.call("guest.delete", {"name": "unit-g", "remove_disks": True})
+
+
+def test_the_default_network_bridges_the_first_wired_nic_and_the_node_keeps_its_address_on_it(
+    node: BootedNode, tmp_path: Path
+) -> None:
+    (reply,) = agent_requests(node, "host.report")
+    report = reply["result"]
+    (bridge,) = report["bridges"]
+    assert bridge["name"] == "br0" and len(bridge["ports"]) == 1 and bridge["ports"][0].startswith(("en", "eth"))
+    # The node's DHCP is on br0 now (its SSH, through QEMU's port forward, still answers: this request).
+    assert [address.split(".")[:3] for address in report["addresses"]["br0"]] == [["10", "0", "2"]]
+    assert report["network"] == "configured"
+    console = (node.out_dir / "run" / "serial.log").read_text(errors="replace")
+    assert "appliance: network: br0 has 10.0.2." in console
+    # A clean boot: no error line from live-boot's networking (the node has no ifupdown).
+    assert "can't create" not in console
+
+
+def test_node_logs_reads_the_journal_through_the_agent(node: BootedNode, tmp_path: Path) -> None:
+    address = NodeAddress("127.0.0.1", node.ssh_port, "appliance")
+    with Node(address, node.key, known_hosts=tmp_path / "known_hosts", timeout=120) as client:
+        lines = client.call("node.logs", {"unit": "appliance-network.service", "lines": 20})["lines"]
+    assert any("br0 has 10.0.2." in line for line in lines), lines
