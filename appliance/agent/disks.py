@@ -153,8 +153,8 @@ def running_size(client: QMPClient, drive: str) -> tuple[int, str]:
         inserted = block.get("inserted") or {}
         if drive in (block.get("device"), inserted.get("node-name")):
             return int(inserted["image"]["virtual-size"]), str(inserted["node-name"])
-    raise QMPError(f"QEMU has no disk {drive!r} (added since it started and not hot-plugged: it is attached at "
-                   "its next start)")  # fmt: skip
+    raise QMPError(f"QEMU has no disk {drive!r}: it was added since the guest started and not hot-plugged, "
+                   "or the guest was started by an older agent; it is there after a restart")  # fmt: skip
 
 
 def grow_disk(host: Hypervisor, store: Store, name: str, index: object, size_gib: int) -> dict[str, Any]:

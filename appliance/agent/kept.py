@@ -66,7 +66,8 @@ def restore(host: Hypervisor, store: Store, kept: object, name: str | None) -> d
     if definition is None:
         raise AgentError(
             ErrorCode.UNSUPPORTED,
-            f"{entry.name} has no definition (kept by an older agent): its disks stay where they are",
+            f"{entry.name} has no guest definition (a disk removed from a guest, or kept by an older agent): "
+            "its disks stay where they are",
         )
     kept_spec = guest_spec_from_json(definition)
     spec = replace(kept_spec, name=check_name(name)) if name is not None else kept_spec
