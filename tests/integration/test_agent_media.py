@@ -4,8 +4,11 @@ in the order its definition gives."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sqlite3
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -121,3 +124,35 @@ def test_a_boot_order_naming_what_the_guest_lacks_is_refused(agent: AgentProcess
     reply = agent.call("guest.create", {"name": "g", "memory_mib": 32, "disks": [{"size_gib": 1}], "boot_order": order})
     assert reply["error"]["data"] == {"code": "invalid_params", "field": "boot_order[0]"}
     assert f"no {order[0]} to boot from (it has: disk)" in reply["error"]["message"]
+
+
+def chunks(total: int, first: bytes, size: int = 1 << 20) -> Iterator[bytes]:
+    """`first`, then zeros, `total` bytes in all, a MiB at a time (never the whole image in memory)."""
+    yield first
+    left = total - len(first)
+    zeros = bytes(size)
+    while left > 0:
+        yield zeros[: min(size, left)]
+        left -= min(size, left)
+
+
+@pytest.mark.slow
+def test_a_multi_gigabyte_disk_image_streams_in_and_gets_its_kind(agent: AgentProcess, state_dir: Path) -> None:
+    total = (2 << 30) + 12345
+    digest = hashlib.sha256()
+    for chunk in chunks(total, PROBE_BOOT_SECTOR):
+        digest.update(chunk)
+    params = {"name": "big.raw", "size_bytes": total, "sha256": digest.hexdigest()}
+    stdin, stdout = agent.process.stdin, agent.process.stdout
+    assert stdin is not None and stdout is not None
+    stdin.write(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "image.import", "params": params}).encode() + b"\n")
+    for chunk in chunks(total, PROBE_BOOT_SECTOR):
+        stdin.write(chunk)
+    stdin.flush()
+    assert json.loads(stdout.readline())["result"]["size_bytes"] == total
+    assert kinds(agent) == {"big.raw": "disk"}
+    assert (state_dir / "images" / "big.raw").stat().st_size == total
+    # Streamed: the agent's peak memory is a few chunks, nowhere near the image's size.
+    status = Path(f"/proc/{agent.process.pid}/status").read_text()
+    peak_kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+    assert peak_kib < 100 * 1024, status
