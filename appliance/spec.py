@@ -29,6 +29,15 @@ from typing import Any
 
 from appliance.agent.policy import LIMITS, Policy, read_policy
 from appliance.errors import UsageError
+from appliance.network import (
+    Management,
+    Network,
+    ProblemSink,
+    check_network,
+    parse_bonds,
+    parse_bridges,
+    parse_management,
+)
 
 RELEASES = ("trixie", "bookworm", "forky")
 DEFAULT_RELEASE = "trixie"
@@ -197,6 +206,15 @@ def public_keys(value: object, path: str, problems: list[Problem]) -> tuple[str,
     return tuple(good)
 
 
+def network_parser(parse: Callable[[object, str, ProblemSink], Any]) -> Parser:
+    """One of appliance.network's parsers, reporting into this spec's problems."""
+
+    def adapted(value: object, path: str, problems: list[Problem]) -> Any:
+        return parse(value, path, lambda key, found, allowed: problems.append(Problem(key, found, allowed)))
+
+    return adapted
+
+
 # Every key of appliance.toml but [policy] (LIMITS in appliance/agent/policy.py), in the order
 # they are read: problems are reported, and known keys listed, in this order.
 SETTINGS = (
@@ -252,9 +270,12 @@ SETTINGS = (
     Setting("mirrors", "debian", "", mirror_url),
     Setting("mirrors", "security", "", mirror_url),
     Setting("storage", "claim_blank_disk", False, flag),
+    Setting("network", "bridges", Network().bridges, network_parser(parse_bridges)),
+    Setting("network", "bonds", (), network_parser(parse_bonds)),
+    Setting("network", "management", Management(), network_parser(parse_management)),
 )
 # The tables below the top level, in the order they are read.
-TABLES = ("kernel", "console", "ssh", "mirrors", "policy", "storage")
+TABLES = ("kernel", "console", "ssh", "mirrors", "policy", "storage", "network")
 _DEFAULTS: dict[str, Any] = {setting.path: setting.default for setting in SETTINGS}
 
 
@@ -305,6 +326,7 @@ class Spec:
     mirrors: Mirrors = field(default_factory=Mirrors)
     policy: Policy = field(default_factory=Policy)
     storage: Storage = field(default_factory=Storage)
+    network: Network = field(default_factory=Network)
 
     def with_extra_keys(self, keys: tuple[str, ...]) -> Spec:
         """This spec with operator keys added on top of its own (duplicates dropped)."""
@@ -372,7 +394,11 @@ def _read_spec(data: dict[str, Any], problems: list[Problem]) -> Spec:
     policy, refusals = read_policy(policy_table)
     problems.extend(Problem(f"policy.{refusal.key}", refusal.value, refusal.allowed) for refusal in refusals)
     storage = Storage(**_read_subtable(data, "storage", problems))
-    return Spec(**top, **kernel, console=console, ssh=ssh, mirrors=mirrors, policy=policy, storage=storage)
+    network = Network(**_read_subtable(data, "network", problems))
+    check_network(network, lambda key, value, allowed: problems.append(Problem(key, value, allowed)))
+    return Spec(
+        **top, **kernel, console=console, ssh=ssh, mirrors=mirrors, policy=policy, storage=storage, network=network
+    )
 
 
 def _read_subtable(data: dict[str, Any], name: str, problems: list[Problem]) -> dict[str, Any]:

@@ -286,11 +286,8 @@ def reboot_guest(host: Hypervisor, store: Store, name: str, mode: str, timeout: 
     """ "reset": the reset button (QMP system_reset), at once. "acpi": as `virsh reboot` does
     without a guest agent: an ACPI power-down (forced after `timeout`), then a start."""
     store.guest(name)
-    paths = host.paths(name)
     with operation(host, name):
-        pid = running_pid(paths)
-        if pid is None:
-            raise guest_not_running(name)
+        paths, pid = running_guest(host, name)
         if mode == "reset":
             with qmp(host, name) as client:
                 client.execute("system_reset")
@@ -324,12 +321,18 @@ def update_guest(host: Hypervisor, store: Store, name: str, changes: dict[str, A
 def stop_guest(host: Hypervisor, store: Store, name: str, timeout: float) -> dict[str, Any]:
     """ACPI power-down, then force after `timeout` seconds."""
     store.guest(name)
-    paths = host.paths(name)
     with operation(host, name):
-        pid = running_pid(paths)
-        if pid is None:
-            raise guest_not_running(name)
+        paths, pid = running_guest(host, name)
         return {"name": name, "forced": host.supervisor.stop(name, paths, pid, timeout)}
+
+
+def running_guest(host: Hypervisor, name: str) -> tuple[GuestFiles, int]:
+    """The guest's files and its QEMU's pid; guest_not_running when it has none."""
+    paths = host.paths(name)
+    pid = running_pid(paths)
+    if pid is None:
+        raise guest_not_running(name)
+    return paths, pid
 
 
 def powerdown_guest(host: Hypervisor, name: str) -> str:
@@ -388,10 +391,8 @@ def set_memory(host: Hypervisor, store: Store, name: str, memory_mib: int) -> di
 def kill_guest(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
     store.guest(name)
     with operation(host, name):
-        pid = running_pid(host.paths(name))
-        if pid is None:
-            raise guest_not_running(name)
-        host.supervisor.force_off(name, host.paths(name), pid)
+        paths, pid = running_guest(host, name)
+        host.supervisor.force_off(name, paths, pid)
     return {"name": name, "killed": True}
 
 

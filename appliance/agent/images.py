@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 from appliance.agent.crashpoints import crash_point
 from appliance.agent.errors import AgentError, ErrorCode, image_exists, image_not_found
 from appliance.agent.guests import Hypervisor
+from appliance.agent.kept import list_kept
 from appliance.agent.media import detect_kind, image_kind
 from appliance.agent.model import check_name
 from appliance.agent.store import Store
@@ -86,6 +87,13 @@ def delete_image(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
     users = [spec.name for spec in store.guests() if name in spec.images_used()]
     if users:
         raise AgentError(ErrorCode.IMAGE_IN_USE, f"image {name!r} is used by guest(s) {', '.join(users)}")
+    # Kept disks are copy-on-write over their base images too: kept.restore needs them.
+    kept = [entry["kept"] for entry in list_kept(host) if name in entry["images"]]
+    if kept:
+        raise AgentError(
+            ErrorCode.IMAGE_IN_USE,
+            f"image {name!r} is under the kept disks of {', '.join(kept)} (kept.purge them first)",
+        )
     if name not in {image["name"] for image in store.images()}:
         raise image_not_found(name)
     # The file first, then the row: a file in the store always has its row.

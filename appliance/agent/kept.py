@@ -42,6 +42,8 @@ def describe(entry: Path) -> dict[str, Any]:
         "disks": sorted(path.name for path in files if path.suffix == ".qcow2"),
         "size_bytes": sum(path.stat().st_blocks * 512 for path in files),
         "restorable": definition is not None,
+        # The store images its disks are copy-on-write over: image.delete keeps them for a restore.
+        "images": sorted(guest_spec_from_json(definition).images_used()) if definition else [],
     }
 
 

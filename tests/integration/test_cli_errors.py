@@ -24,7 +24,7 @@ from helpers.sshd import Sshd, free_port
 
 from appliance.cli import build_parser
 
-NOUNS = ("node", "guest", "image", "fleet")
+NOUNS = ("node", "guest", "image", "kept", "fleet")
 # --json is run where the network fails; the key and agent failures' JSON is checked in test_client.py.
 JSON_PLACES = ("dead port", "silent listener")
 
