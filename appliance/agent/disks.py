@@ -23,8 +23,9 @@ the agent doing it in its name, as guest creation does:
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from appliance.agent.guests import (
     new_kept_dir,
     operation,
 )
+from appliance.agent.kept import REMOVED_DISK
 from appliance.agent.media import HOTPLUG_PORT_PREFIX, HOTPLUG_PORTS
 from appliance.agent.model import MAX_DISK_GIB, MAX_DISKS, BootDevice, Disk, GuestSpec, disk_file, invalid_field
 from appliance.agent.policy import check_disks
@@ -234,13 +236,15 @@ def remove_disk(host: Hypervisor, store: Store, name: str, index: object) -> dic
             aside.rename(paths.disk(disk))
             raise
         crash_point("disk-remove:row")
-        kept = keep(host, name, aside, disk.file)
+        kept = keep(host, name, aside, disk)
     return {"name": name, "index": index, "file": disk.file, "kept_in": str(kept)}
 
 
-def keep(host: Hypervisor, name: str, path: Path, file: str) -> Path:
-    """A removed disk's file into kept-disks/NAME-DISK-TIME/ (kept.list shows it; kept.purge removes it)."""
-    kept = new_kept_dir(host, f"{name}-{Path(file).stem}")
+def keep(host: Hypervisor, name: str, path: Path, disk: Disk) -> Path:
+    """A removed disk's file into kept-disks/NAME-DISK-TIME/ (kept.list shows it; kept.purge removes it),
+    with a note of what it was, first: the image it is over stays in the store while it is kept."""
+    kept = new_kept_dir(host, f"{name}-{Path(disk.file).stem}")
     kept.mkdir()
-    path.rename(kept / file)
+    (kept / REMOVED_DISK).write_text(json.dumps({"guest": name, "disk": asdict(disk)}))
+    path.rename(kept / disk.file)
     return kept

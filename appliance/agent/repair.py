@@ -24,10 +24,10 @@ from pathlib import Path
 
 from appliance.agent.disks import ADDING_PREFIX, GROWING_PREFIX, REMOVING_PREFIX, keep, resize
 from appliance.agent.errors import AgentError
-from appliance.agent.guests import CREATING_PREFIX, DELETING_PREFIX, Hypervisor
+from appliance.agent.guests import CREATING_PREFIX, DELETING_PREFIX, Hypervisor, image_info
 from appliance.agent.images import PARTIAL_PREFIX
 from appliance.agent.kept import RESTORING_PREFIX
-from appliance.agent.model import GuestSpec
+from appliance.agent.model import Disk, GuestSpec
 from appliance.agent.store import Store
 from appliance.agent.supervisors import GuestFiles
 
@@ -140,7 +140,17 @@ def repair_disks(host: Hypervisor, spec: GuestSpec, directory: Path) -> None:
         elif prefix == ADDING_PREFIX:
             entry.unlink(missing_ok=True)
         else:
-            keep(host, spec.name, entry, file)
+            # The definition no longer names it; the image it is over is named in the file itself.
+            keep(host, spec.name, entry, Disk(base_image=base_image_of(host, entry), file=file))
+
+
+def base_image_of(host: Hypervisor, disk: Path) -> str:
+    """The store image a qcow2 is over, from its backing file ("" for none, or when qemu-img cannot say)."""
+    try:
+        backing = Path(str(image_info(disk).get("backing-filename", "")))
+    except AgentError:
+        return ""
+    return backing.name if backing.parent == host.images_dir else ""
 
 
 def repair_images(host: Hypervisor, store: Store) -> None:

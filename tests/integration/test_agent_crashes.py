@@ -71,6 +71,9 @@ def assert_every_name_usable(agent: AgentProcess, state_dir: Path) -> None:
         assert "result" in agent.import_image("base", IMAGE)
     assert agent.result("guest.create", GUEST)["name"] == "g"
     assert agent.result("guest.delete", {"name": "g", "remove_disks": True})["deleted"]
+    # Kept disks over the image keep it in the store (image_in_use) until they are purged.
+    for kept in agent.result("kept.list"):
+        assert agent.result("kept.purge", {"kept": kept["kept"]})["purged"]
     assert agent.result("image.delete", {"name": "base"})["deleted"]
     assert "result" in agent.import_image("base", IMAGE)
     assert agent.result("guest.create", GUEST)["name"] == "g"
@@ -226,16 +229,17 @@ def test_a_disk_remove_killed_at_any_step(
     assert "result" in agent.import_image("base", IMAGE)
     agent.result("guest.create", GUEST)
     victim = crashing(start_agent, point)
-    send(victim, "guest.disk_remove", {"name": "g", "index": 0})
+    send(victim, "guest.disk_remove", {"name": "g", "index": 1})  # the disk over the image
     assert_killed_by_its_crash_point(victim)
     after = start_agent()
     if point == "disk-remove:moved":  # before the row: the disk is back where it was
         assert disk_files(after) == ["disk0.qcow2", "disk1.qcow2"]
         assert guest_files(state_dir) == ["disk0.qcow2", "disk1.qcow2"]
         assert not (state_dir / "kept-disks").exists()
-    else:  # after it: removed, and its file kept, whatever the crash
-        assert disk_files(after) == ["disk1.qcow2"]
-        assert guest_files(state_dir) == ["disk1.qcow2"]
+    else:  # after it: removed, and its file kept, whatever the crash, with the image it is over
+        assert disk_files(after) == ["disk0.qcow2"]
+        assert guest_files(state_dir) == ["disk0.qcow2"]
         (kept,) = after.result("kept.list")
-        assert kept["disks"] == ["disk0.qcow2"] and kept["kept"].startswith("g-disk0-")
+        assert kept["disks"] == ["disk1.qcow2"] and kept["kept"].startswith("g-disk1-")
+        assert kept["images"] == ["base"] and after.error_code("image.delete", {"name": "base"}) == "image_in_use"
     assert_every_name_usable(after, state_dir)

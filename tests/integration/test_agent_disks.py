@@ -103,6 +103,14 @@ def test_refusals_name_the_field_and_change_nothing(agent: AgentProcess, state_d
     assert not (state_dir / "kept-disks").exists()
     agent.result("guest.kill", {"name": "g1"})
 
+    # A removed disk over an image keeps the image in the store for as long as it is kept.
+    removed = agent.result("guest.disk_remove", {"name": "g1", "index": 0})
+    (kept,) = agent.result("kept.list")
+    assert (kept["kept"], kept["guest"], kept["images"]) == (Path(removed["kept_in"]).name, "g1", ["marker"])
+    assert agent.error_code("image.delete", {"name": "marker"}) == "image_in_use"
+    agent.result("kept.purge", {"kept": kept["kept"]})
+    assert agent.result("image.delete", {"name": "marker"})["deleted"]
+
     # A guest's last disk, when it boots from disks (or has nothing else), stays.
     agent.result("guest.create", {"name": "one", "memory_mib": 32, "disks": [{"size_gib": 1}]})
     assert refusal(agent, "guest.disk_remove", {"name": "one", "index": 0})["field"] == "index"
