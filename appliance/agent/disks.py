@@ -1,9 +1,9 @@
 """Disks of a defined guest: a new blank one added, one grown, one removed (its file kept aside).
 
 Each change is ordered so that an agent killed at any step leaves either no
-visible change or one that the next agent finishes (repair_disks, run from
-repair.py when an agent opens the store); work in progress carries the pid of
-the agent doing it in its name, as guest creation does:
+visible change or one that the next agent finishes (repair.py's repair_disks,
+when an agent opens the store); work in progress carries the pid of the agent
+doing it in its name, as guest creation does:
 
 - add: the file is made as `.adding-PID-FILE` in the guest's directory, the
   definition naming FILE is committed, then the file is renamed to FILE.
@@ -17,7 +17,9 @@ the agent doing it in its name, as guest creation does:
   qcow2 without --shrink; block_resize, which would shrink, is sent only after
   query-block, in the same monitor session, says the disk is smaller).
 - remove (stopped guests only): the file is renamed to `.removing-PID-FILE`,
-  the definition without it is committed, then the file moves to kept-disks/.
+  the definition without it is committed, then the file moves to a directory
+  of its own in kept-disks/, after a note of the guest and the disk (kept.py's
+  REMOVED_DISK: the image it is over stays in the store while it is kept).
   Repair moves it back if the definition still names it, else finishes the move.
 """
 
@@ -94,9 +96,9 @@ def add_disk(host: Hypervisor, store: Store, name: str, size_gib: int) -> dict[s
         updated = replace(spec, disks=(*spec.disks, disk))
         check_storage(host, store, updated)
         making = in_progress(paths.directory, ADDING_PREFIX, disk.file)
-        make_disk(host, disk, making)
-        crash_point("disk-add:file")
         try:
+            make_disk(host, disk, making)
+            crash_point("disk-add:file")
             store.replace_guest(updated)
         except BaseException:
             making.unlink(missing_ok=True)

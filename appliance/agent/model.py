@@ -131,9 +131,11 @@ class GuestSpec:
         else:
             params["kernel_boot"] = {key: value for key, value in asdict(self.kernel_boot).items() if value}
         params["nics"] = [nic_params(nic) for nic in self.nics]
+        # Install media only where the guest has them, as guest.create takes them (absent: none).
         params["boot_order"] = [device.value for device in self.boot_order]
-        if not self.cdrom:
-            del params["cdrom"]
+        for field in MEDIA_FIELDS:
+            if not params[field]:
+                del params[field]
         if self.cloud_init is None:
             del params["cloud_init"]
         else:
@@ -215,7 +217,7 @@ def parse_guest_spec(params: dict[str, Any]) -> GuestSpec:
     display = params.get("display", False)
     if not isinstance(display, bool):
         raise invalid_field("display", "must be true or false")
-    cdrom = params.get("cdrom", "")
+    cdrom = params.get("cdrom")  # absent, null or "": none, as kernel_boot and cloud_init
     vcpus = check_int(params, "vcpus", 1, MAX_VCPUS, 1)
     weight, quota = parse_cpu_limits(params, vcpus, DEFAULT_CPU_WEIGHT, 0)
     spec = GuestSpec(
@@ -230,7 +232,7 @@ def parse_guest_spec(params: dict[str, Any]) -> GuestSpec:
         cpu_weight=weight,
         cpu_quota_percent=quota,
         cloud_init=None if params.get("cloud_init") is None else parse_cloud_init(params["cloud_init"]),
-        cdrom=check_name(cdrom, "cdrom") if cdrom else "",
+        cdrom="" if cdrom is None or cdrom == "" else check_name(cdrom, "cdrom"),
         display=display,
     )
     if not spec.devices():

@@ -91,11 +91,22 @@ def wait_gone(pid: int, timeout: float) -> bool:
             command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return True
-        if QEMU.encode() not in command_line:
+        # An exiting QEMU loses its command line (its memory) before its files: until it is a zombie it
+        # may still hold its pid file's lock, and a start at once would fail on it.
+        if QEMU.encode() not in command_line and (command_line or exited(pid)):
             return True
         if time.monotonic() >= deadline:
             return False
         time.sleep(POLL_SECONDS)
+
+
+def exited(pid: int) -> bool:
+    """Whether `pid` is gone or a zombie (it has let go of everything it held)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")
 
 
 @contextmanager

@@ -72,7 +72,9 @@ def test_a_boot_order_names_only_devices_the_guest_has_each_once_and_a_kernel_fi
 
 def test_a_cdrom_alone_is_something_to_boot() -> None:
     assert parse_guest_spec({**BASE, "cdrom": "installer.iso"}).cdrom == "installer.iso"
-    assert refused({"cdrom": "../escape"}).details["field"] == "cdrom"
+    for bad in ("../escape", {}, 0):
+        assert refused({"cdrom": bad}).details["field"] == "cdrom"
+    assert parse_guest_spec({**BASE, "disks": [{"size_gib": 1}], "cdrom": None}).cdrom == ""
 
 
 def test_disks_are_named_by_file_and_keep_their_files_through_an_update() -> None:
