@@ -14,12 +14,29 @@ from pathlib import Path
 from typing import Any
 
 from appliance.cli.output import as_json, format_fields, format_table, human_time
-from appliance.cli.parsing import HelpFormatter, Verbs, add_connection_options, add_key_options, node_connector
+from appliance.cli.parsing import (
+    HelpFormatter,
+    Verbs,
+    add_connection_options,
+    add_key_options,
+    disk_size,
+    local_port,
+    node_connector,
+)
 from appliance.errors import EXIT_FAILED
 from appliance.nodes.client import check_image_upload, parse_address
 from appliance.nodes.definitions import GuestOptions, guest_params, load_definition_file
 from appliance.nodes.fleet import DEFAULT_CONCURRENCY, HostOutcome, fan_out
 from appliance.nodes.inventory import load_inventory
+from appliance.nodes.relay import (
+    ESCAPE_NAME,
+    LOCAL_HOST,
+    check_display,
+    console_session,
+    listen,
+    raw_terminal,
+    serve_display,
+)
 from appliance.progress import Progress
 
 EXIT_OK = 0
@@ -38,6 +55,8 @@ class Verb:
     # Reads are retried once on a lost connection; changes are never sent twice.
     read_only: bool = False
     output: str = "table"  # or "fields", "console", "lines"
+    # A verb that does more than its one request in some cases (guest console: the interactive attach).
+    runner: Callable[[argparse.Namespace], int] | None = None
 
 
 def by_name(args: argparse.Namespace) -> dict[str, Any]:
@@ -69,10 +88,11 @@ VERBS = (
         "guest",
         "console",
         "guest.console",
-        "show a guest's console (its recent serial output)",
+        "show a guest's console: attached on a terminal (Ctrl-] leaves), its recent output with --log or in scripts",
         lambda args: {"name": args.name, "max_bytes": args.bytes},
         read_only=True,
         output="console",
+        runner=lambda args: cmd_guest_console(args),
     ),
     Verb("guest", "start", "guest.start", "start a guest", by_name),
     Verb(
@@ -117,7 +137,38 @@ VERBS = (
             **({"cpu_quota_percent": args.quota} if args.quota is not None else {}),
         },
     ),
-    Verb("image", "list", "image.list", "images on the node", nothing, read_only=True),
+    Verb(
+        "guest disk",
+        "add",
+        "guest.disk_add",
+        "add a blank disk (a running guest gets it at once where it can be hot-plugged)",
+        lambda args: {"name": args.name, "size_gib": args.size},
+        output="fields",
+    ),
+    Verb(
+        "guest disk",
+        "grow",
+        "guest.disk_grow",
+        "grow a disk (live when the guest runs; never smaller)",
+        lambda args: {"name": args.name, "index": args.index, "size_gib": args.size},
+        output="fields",
+    ),
+    Verb(
+        "guest disk",
+        "remove",
+        "guest.disk_remove",
+        "remove a stopped guest's disk (its file is kept aside: kept list)",
+        lambda args: {"name": args.name, "index": args.index},
+        output="fields",
+    ),
+    Verb(
+        "image",
+        "list",
+        "image.list",
+        "images on the node and their kind (disk, iso, kernel, initrd)",
+        nothing,
+        read_only=True,
+    ),
     Verb("image", "delete", "image.delete", "delete an image no guest uses", by_name),
     Verb("kept", "list", "kept.list", "deleted guests' disks, kept aside", nothing, read_only=True),
     Verb(
@@ -137,7 +188,7 @@ NOUNS = {
               "  appliance image push node1 debian-13.qcow2\n"
               "  appliance guest create node1 web --memory 1024 --disk image=debian-13.qcow2 --nic user \\\n"
               "      --hostname web --ssh-key ~/.ssh/id_ed25519.pub\n"
-              "  appliance guest start node1 web\n  appliance guest list node1"),
+              "  appliance guest start node1 web\n  appliance guest console node1 web"),
     "image": ("the node's image store",
               "  appliance image push node1 debian.qcow2\n  appliance image list node1"),
     "kept": ("deleted guests' disks, kept aside: list, restore, purge",
@@ -145,17 +196,30 @@ NOUNS = {
 }  # fmt: skip
 
 
+DISKS = (
+    "a guest's disks: add, grow, remove",
+    "  appliance guest disk add node1 web --size 20G\n  appliance guest disk grow node1 web 0 --size 40G\n"
+    "  appliance guest disk remove node1 web 1",
+)
+
+
 def add_node_verbs(verbs: Verbs) -> None:
     subparsers: dict[str, Verbs] = {}
     for noun, (what, example) in NOUNS.items():
         parser = verbs.add_parser(noun, formatter_class=HelpFormatter, help=what, epilog=f"example:\n{example}")
         subparsers[noun] = parser.add_subparsers(dest=f"{noun}_verb", required=True, metavar="VERB")
+    what, example = DISKS
+    disk = subparsers["guest"].add_parser(
+        "disk", formatter_class=HelpFormatter, help=what, epilog=f"example:\n{example}"
+    )
+    subparsers["guest disk"] = disk.add_subparsers(dest="disk_verb", required=True, metavar="VERB")
     for verb in VERBS:
         parser = subparsers[verb.noun].add_parser(verb.name, help=verb.help, description=verb.help)
         add_connection_options(parser)
         add_verb_arguments(verb, parser)
-        parser.set_defaults(run=run_verb, verb_spec=verb)
+        parser.set_defaults(run=verb.runner or run_verb, verb_spec=verb)
     add_guest_definition_verbs(subparsers["guest"])
+    add_display_verb(subparsers["guest"])
     push = subparsers["image"].add_parser("push", help="upload an image (the node checks its sha256)")
     add_connection_options(push)
     push.add_argument("file", type=Path)
@@ -167,7 +231,7 @@ def add_node_verbs(verbs: Verbs) -> None:
 def add_verb_arguments(verb: Verb, parser: argparse.ArgumentParser) -> None:
     """The arguments a table verb's params read."""
     key = f"{verb.noun} {verb.name}"
-    if verb.noun in ("guest", "image") and verb.name != "list":
+    if verb.noun in ("guest", "image", "guest disk") and verb.name != "list":
         parser.add_argument("name")
     if verb.noun == "kept" and verb.name != "list":
         parser.add_argument("kept", help="as kept list shows it")
@@ -176,7 +240,16 @@ def add_verb_arguments(verb: Verb, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--lines", type=int, default=200, help="default: %(default)s")
         parser.add_argument("--boot", type=int, default=0, help="0: this boot, -1: the one before, ...")
     elif key == "guest console":
-        parser.add_argument("--bytes", type=int, default=4096, help="how much of its end (default: %(default)s)")
+        parser.add_argument(
+            "--log", action="store_true", help="show the end of its output instead of attaching (as scripts get)"
+        )
+        parser.add_argument("--bytes", type=int, default=4096, help="with --log: how much (default: %(default)s)")
+    elif key in ("guest disk grow", "guest disk remove"):
+        parser.add_argument("index", type=int, help="the disk's place in the guest's disks (guest info), from 0")
+        if key == "guest disk grow":
+            parser.add_argument("--size", type=disk_size, required=True, help="its new size, e.g. 40G")
+    elif key == "guest disk add":
+        parser.add_argument("--size", type=disk_size, required=True, help="e.g. 20G (G or T; G if not said)")
     elif key in ("guest stop", "guest reboot"):
         parser.add_argument(
             "--timeout-stop",
@@ -227,6 +300,54 @@ def people_row(row: dict[str, Any]) -> dict[str, Any]:
     """A row as people read it: the name first (the agent sorts its keys), dates as dates (JSON keeps numbers)."""
     ordered = {"name": row["name"], **row} if "name" in row else row
     return {key: human_time(value) if key == "created" else value for key, value in ordered.items()}
+
+
+def cmd_guest_console(args: argparse.Namespace) -> int:
+    """Attached when both ends are a terminal (an operator at it), else the log (a script reading it)."""
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if args.log or args.json or not interactive:
+        return run_verb(args)
+    with node_connector(args)(parse_address(args.host)) as node:
+        attached = node.open_relay("guest.console_attach", {"name": args.name})
+        with raw_terminal(sys.stdin.fileno()):
+            # Said once the terminal is raw (a line break is \r\n now): what is typed after it reaches the guest.
+            sys.stderr.write(f"Connected to guest {args.name}; escape character is {ESCAPE_NAME}\r\n")
+            sys.stderr.flush()
+            ended = console_session(attached, sys.stdin.fileno(), sys.stdout.fileno())
+    print(f"\nthe console of {args.name} closed (the guest stopped)" if ended == "closed" else "", file=sys.stderr)
+    return EXIT_OK
+
+
+def add_display_verb(guest_verbs: Verbs) -> None:
+    display = guest_verbs.add_parser(
+        "display",
+        formatter_class=HelpFormatter,
+        help="a guest's graphical console (VNC), relayed to a port on 127.0.0.1 here",
+        description="Listen on 127.0.0.1 here and relay each VNC viewer's connection to the guest's display\n"
+        "through the SSH connection (nothing listens on the node; its sshd forwards nothing). The guest needs\n"
+        "display = true in its definition (guest create/edit --display). Runs until Ctrl-C (or --once).",
+        epilog="example:\n  appliance guest display node1 installer --port 5901 &\n  vncviewer 127.0.0.1::5901",
+    )
+    add_connection_options(display)
+    display.add_argument("name")
+    display.add_argument("--port", type=local_port, default=0, help="local port (default: a free one)")
+    display.add_argument("--once", action="store_true", help="end when the first viewer disconnects")
+    display.set_defaults(run=cmd_guest_display)
+
+
+def cmd_guest_display(args: argparse.Namespace) -> int:
+    with node_connector(args)(parse_address(args.host)) as node:
+        check_display(node, args.name)
+        server = listen(args.port)
+        port = server.getsockname()[1]
+        address = f"vnc://{LOCAL_HOST}:{port}"
+        print(as_json({"name": args.name, "url": address, "port": port}) if args.json else address, flush=True)
+        print(f"relaying the display of {args.name}; Ctrl-C to end", file=sys.stderr)
+        try:
+            serve_display(node, args.name, server, args.once, lambda text: print(text, file=sys.stderr))
+        except KeyboardInterrupt:
+            print("display relay ended", file=sys.stderr)
+    return EXIT_OK
 
 
 def add_guest_definition_verbs(guest_verbs: Verbs) -> None:
@@ -284,6 +405,15 @@ def add_definition_options(parser: argparse.ArgumentParser, creating: bool) -> N
         help="bridge=BR[,vlan=ID][,mac=MAC][,model=virtio|e1000|rtl8139], or user[,...] for "
         "user-mode NAT (isolated from the node); repeatable",
     )
+    parser.add_argument("--cdrom", metavar="IMAGE", help="an ISO of the node's store as a CD-ROM (edit: '' ejects)")
+    parser.add_argument(
+        "--boot",
+        metavar="ORDER",
+        help="boot order, e.g. cdrom,disk (of disk, cdrom, network, kernel; default: disks, then CD-ROM)",
+    )
+    parser.add_argument(
+        "--display", action=argparse.BooleanOptionalAction, help="a graphical console (guest display), for installers"
+    )
     parser.add_argument("--kernel", metavar="IMAGE", help="boot this kernel image from the node's store")
     parser.add_argument("--initrd", metavar="IMAGE", help="with --kernel: its initrd image")
     parser.add_argument("--cmdline", help="with --kernel: the kernel command line")
@@ -315,7 +445,8 @@ def definition_options(args: argparse.Namespace) -> GuestOptions:
         disks.append(f"image={args.base_image}")
     return GuestOptions(
         memory_mib=args.memory, vcpus=args.vcpus, disks=tuple(disks), nics=tuple(args.nic),
-        kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline, autostart=args.autostart,
+        kernel=args.kernel, initrd=args.initrd, cmdline=args.cmdline, cdrom=args.cdrom, boot=args.boot,
+        display=args.display, autostart=args.autostart,
         restart=args.restart, cpu_weight=args.cpu_weight, cpu_quota_percent=args.cpu_quota,
         hostname=args.hostname, ssh_key_files=tuple(args.ssh_key), user=args.user, user_data=args.user_data,
         network_config=args.network_config, vendor_data=args.vendor_data,

@@ -9,6 +9,7 @@ from typing import NoReturn, TypeAlias
 
 from appliance.errors import UsageError
 from appliance.nodes.client import Node, NodeAddress, default_known_hosts
+from appliance.nodes.definitions import parse_size_gib
 from appliance.nodes.keys import ENV_KEY, ENV_PASSPHRASE, Keyring
 
 KEY_HELP = (
@@ -47,6 +48,19 @@ def whole_gib(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} GiB: a disk needs at least 1")
     return value
+
+
+def disk_size(text: str) -> int:
+    """A disk size for argparse, in GiB: 20G, 2T, or 20 (GiB)."""
+    size = parse_size_gib(text)
+    if size is None or size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a disk size (e.g. 20G, 2T)")
+    return size
+
+
+def local_port(text: str) -> int:
+    """A local TCP port to listen on for argparse: 0 (a free one) or 1-65535."""
+    return 0 if text == "0" else tcp_port(text)
 
 
 def tcp_port(text: str) -> int:

@@ -38,6 +38,9 @@ class GuestOptions:
     kernel: str | None = None
     initrd: str | None = None
     cmdline: str | None = None
+    cdrom: str | None = None
+    boot: str | None = None
+    display: bool | None = None
     autostart: bool | None = None
     restart: str | None = None
     cpu_weight: int | None = None
@@ -67,17 +70,29 @@ def load_definition_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def parse_size_gib(text: str) -> int | None:
+    """A disk size in GiB from 20G, 20GiB, 2T or 20 (GiB); None when the text is no size."""
+    match = SIZE_PATTERN.fullmatch(text.strip())
+    if match is None:
+        return None
+    number = int(match["number"])
+    return number * 1024 if (match["unit"] or "G").upper().startswith("T") else number
+
+
 def parse_disk_option(text: str) -> dict[str, Any]:
     """--disk size=20G (a blank disk; G or T, GiB by default) or --disk image=NAME (over a node image)."""
     key, _, value = text.partition("=")
     if key == "image" and value:
         return {"base_image": value}
-    if key == "size":
-        match = SIZE_PATTERN.fullmatch(value.strip())
-        if match:
-            number = int(match["number"])
-            return {"size_gib": number * 1024 if (match["unit"] or "G").upper().startswith("T") else number}
+    size = parse_size_gib(value) if key == "size" else None
+    if size is not None:
+        return {"size_gib": size}
     raise DefinitionError(f"--disk {text!r}: give size=SIZE (e.g. size=20G) or image=NAME")
+
+
+def parse_boot_option(text: str) -> list[str]:
+    """--boot cdrom,disk: the boot order as the agent takes it (it checks the names); '' for none."""
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 NIC_KEYS = ("bridge", "vlan", "mac", "model")
@@ -151,8 +166,11 @@ def guest_params(base: dict[str, Any], options: GuestOptions) -> dict[str, Any]:
     params = dict(base)
     plain = {"memory_mib": options.memory_mib, "vcpus": options.vcpus, "autostart": options.autostart,
              "restart": options.restart, "cpu_weight": options.cpu_weight,
-             "cpu_quota_percent": options.cpu_quota_percent}  # fmt: skip
+             "cpu_quota_percent": options.cpu_quota_percent, "cdrom": options.cdrom,
+             "display": options.display}  # fmt: skip
     params.update({key: value for key, value in plain.items() if value is not None})
+    if options.boot is not None:
+        params["boot_order"] = parse_boot_option(options.boot)
     if options.disks:
         params["disks"] = [parse_disk_option(text) for text in options.disks]
     if options.nics:

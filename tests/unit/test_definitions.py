@@ -13,6 +13,7 @@ from appliance.nodes.definitions import (
     load_definition_file,
     parse_disk_option,
     parse_nic_option,
+    parse_size_gib,
 )
 
 
@@ -78,3 +79,20 @@ def test_yaml_files_work_too_and_bad_files_are_named(tmp_path: Path) -> None:
         empty = tmp_path / "empty.pub"
         empty.write_text("# nothing\n")
         guest_params({}, GuestOptions(ssh_key_files=(empty,)))
+
+
+def test_install_media_options_become_the_agents_fields() -> None:
+    params = guest_params({}, GuestOptions(cdrom="debian.iso", boot=" cdrom, disk ", display=True))
+    assert params == {"cdrom": "debian.iso", "boot_order": ["cdrom", "disk"], "display": True}
+    # An edit that ejects the CD and drops the boot order says so with empty values.
+    assert guest_params({}, GuestOptions(cdrom="", boot="", display=False)) == {
+        "cdrom": "",
+        "boot_order": [],
+        "display": False,
+    }
+    assert guest_params({"boot_order": ["disk"]}, GuestOptions()) == {"boot_order": ["disk"]}
+
+
+@pytest.mark.parametrize(("text", "gib"), [("20G", 20), ("20GiB", 20), ("2T", 2048), ("7", 7), ("big", None)])
+def test_disk_sizes_are_read_in_gib(text: str, gib: int | None) -> None:
+    assert parse_size_gib(text) == gib
