@@ -44,6 +44,11 @@ class ErrorCode(StrEnum):
     QMP_FAILED = "qmp_failed"
     TOOL_FAILED = "tool_failed"
     UNSUPPORTED = "unsupported"
+    # Live migration (migration.py): a destination that cannot take the guest as it runs (accelerator,
+    # machine type, QEMU, its command line), a migration QEMU gave up on, a step asked of no migration.
+    MIGRATION_REFUSED = "migration_refused"
+    MIGRATION_FAILED = "migration_failed"
+    NOT_MIGRATING = "not_migrating"
 
 
 # JSON-RPC 2.0 numeric codes; every code not listed is in the server-error range.

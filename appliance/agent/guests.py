@@ -30,7 +30,7 @@ from appliance.agent.host import read_bridges, read_meminfo
 from appliance.agent.locks import LockTimeout, held
 from appliance.agent.model import CPU_FIELDS, BootDevice, Disk, GuestSpec, check_name, parse_cpu_limits, updated_spec
 from appliance.agent.policy import Capacity, Policy, check_create, check_disks, check_start
-from appliance.agent.qemu import base_argv, qmp_session, request_powerdown, running_pid, wait_gone
+from appliance.agent.qemu import MACHINE, base_argv, qmp_session, request_powerdown, running_pid, wait_gone
 from appliance.agent.qmp import QMPClient, QMPError
 from appliance.agent.store import Store
 from appliance.agent.supervisors import GuestFiles, ProcessSupervisor, Supervisor
@@ -177,14 +177,16 @@ def make_disks(host: Hypervisor, spec: GuestSpec, files: GuestFiles) -> None:
             host.image(spec.kernel_boot.initrd_image)
 
 
-def make_disk(host: Hypervisor, disk: Disk, path: Path) -> None:
-    """A disk's file: a qcow2 over its base image (grown to size_gib if it was), or blank."""
+def make_disk(host: Hypervisor, disk: Disk, path: Path, size_bytes: int = 0) -> None:
+    """A disk's file: a qcow2 over its base image (grown to size_gib if it was), or blank; `size_bytes`,
+    when given, is its exact size (a disk arriving by migration is as large as it is on its node)."""
+    size = [str(size_bytes)] if size_bytes else [f"{disk.size_gib}G"] if disk.size_gib else []
     if disk.base_image:
         base = host.image(disk.base_image)
         run_tool([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", image_format(base), "-b", str(base), str(path),
-                  *([f"{disk.size_gib}G"] if disk.size_gib else [])])  # fmt: skip
+                  *size])  # fmt: skip
     else:
-        run_tool([QEMU_IMG, "create", "-q", "-f", "qcow2", str(path), f"{disk.size_gib}G"])
+        run_tool([QEMU_IMG, "create", "-q", "-f", "qcow2", str(path), *size])
 
 
 def drive_id(disk: Disk) -> str:
@@ -192,9 +194,15 @@ def drive_id(disk: Disk) -> str:
     return Path(disk.file).stem
 
 
-def qemu_argv(host: Hypervisor, spec: GuestSpec, paths: GuestFiles) -> list[str]:
+def qemu_argv(
+    host: Hypervisor, spec: GuestSpec, paths: GuestFiles, machine: str = MACHINE, incoming: Path | None = None
+) -> list[str]:
+    """QEMU's command line for the guest (through its launcher when it needs one). A guest arriving by
+    migration runs as the machine type it has on its node, and its first start receives it (`incoming`:
+    the launcher's marker file)."""
+    name = f"guest={spec.name}"
     argv = [
-        *base_argv(f"guest={spec.name}", host.accel, spec.memory_mib, spec.vcpus, paths, paths.serial_socket),
+        *base_argv(name, host.accel, spec.memory_mib, spec.vcpus, paths, paths.serial_socket, machine),
         "-no-user-config", "-sandbox", "on", "-daemonize",
         "-device", "virtio-balloon-pci,id=balloon0",
     ]  # fmt: skip
@@ -211,6 +219,8 @@ def qemu_argv(host: Hypervisor, spec: GuestSpec, paths: GuestFiles) -> list[str]
     if spec.cdrom:
         argv += media.cdrom_argv(host.image(spec.cdrom), boot)
     nic_args, plan = nics.nic_argv(spec, paths.directory, host.network, boot.get(BootDevice.NETWORK))
+    if incoming is not None:
+        plan = replace(plan, incoming=str(incoming))
     argv += nic_args
     argv += media.boot_argv(spec)
     if spec.display:
@@ -241,11 +251,18 @@ def start_locked(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
     nics.check_nics_on_node(spec, host.network, read_bridges())
     if spec.cloud_init:
         seed.ensure_seed(paths.directory, spec.name, spec.cloud_init)
+    started = time.monotonic()
+    launch(host, spec, paths)
+    return {"name": name, "pid": running_pid(paths), "seconds": round(time.monotonic() - started, 3)}
+
+
+def launch(
+    host: Hypervisor, spec: GuestSpec, paths: GuestFiles, machine: str = MACHINE, incoming: Path | None = None
+) -> None:
+    """QEMU started under the node's supervisor, with fresh sockets and console (qemu_argv's arguments)."""
     for stale in (paths.qmp_socket, paths.serial_socket, paths.vnc_socket, paths.console_log):
         stale.unlink(missing_ok=True)
-    started = time.monotonic()
-    host.supervisor.start(spec, qemu_argv(host, spec, paths), paths)
-    return {"name": name, "pid": running_pid(paths), "seconds": round(time.monotonic() - started, 3)}
+    host.supervisor.start(spec, qemu_argv(host, spec, paths, machine, incoming), paths)
 
 
 def start_autostart_guests(host: Hypervisor, store: Store) -> list[dict[str, Any]]:
@@ -497,23 +514,28 @@ def console_tail(host: Hypervisor, store: Store, name: str, max_bytes: int) -> d
 
 def delete_guest(host: Hypervisor, store: Store, name: str, force: bool, remove_disks: bool) -> dict[str, Any]:
     """The directory moves away first (to kept-disks/, or aside to be removed), then the row goes."""
-    paths = host.paths(name)
     with operation(host, name):
-        spec = store.guest(name)
-        pid = running_pid(paths)
-        if pid is not None:
-            if not force:
-                raise AgentError(ErrorCode.GUEST_RUNNING, f"guest {name!r} is running; stop it first or pass force")
-            host.supervisor.force_off(name, paths, pid)
-        moved_to = work_dir(host, DELETING_PREFIX, name) if remove_disks else new_kept_dir(host, name)
-        if paths.directory.exists():
-            if not remove_disks:
-                # Kept with its definition, so kept.restore can bring the guest back as it was.
-                (paths.directory / KEPT_DEFINITION).write_text(json.dumps(spec.to_json()))
-            paths.directory.rename(moved_to)
-        crash_point("guest-delete:moved")
-        store.remove_guest(name, missing_ok=True)
-        crash_point("guest-delete:row")
+        return delete_locked(host, store, name, force, remove_disks)
+
+
+def delete_locked(host: Hypervisor, store: Store, name: str, force: bool, remove_disks: bool) -> dict[str, Any]:
+    """delete_guest, for a caller that holds the guest's operation lock already (a migration leaving)."""
+    paths = host.paths(name)
+    spec = store.guest(name)
+    pid = running_pid(paths)
+    if pid is not None:
+        if not force:
+            raise AgentError(ErrorCode.GUEST_RUNNING, f"guest {name!r} is running; stop it first or pass force")
+        host.supervisor.force_off(name, paths, pid)
+    moved_to = work_dir(host, DELETING_PREFIX, name) if remove_disks else new_kept_dir(host, name)
+    if paths.directory.exists():
+        if not remove_disks:
+            # Kept with its definition, so kept.restore can bring the guest back as it was.
+            (paths.directory / KEPT_DEFINITION).write_text(json.dumps(spec.to_json()))
+        paths.directory.rename(moved_to)
+    crash_point("guest-delete:moved")
+    store.remove_guest(name, missing_ok=True)
+    crash_point("guest-delete:row")
     if remove_disks:
         shutil.rmtree(moved_to, ignore_errors=True)
         return {"name": name, "deleted": True, "disks_kept_in": None}

@@ -6,6 +6,9 @@ the root tap helper for an open tap on the bridge, for each user-mode NIC it
 starts passt on one end of a socket pair, puts each descriptor at the number
 QEMU's command line names, and execs QEMU. It holds nothing after that: QEMU
 is the only holder of every tap, so a tap goes when QEMU goes.
+
+A guest arriving by migration starts here too: its first start waits for
+the migration (-incoming defer, paused), any later one boots it.
 """
 
 from __future__ import annotations
@@ -78,8 +81,27 @@ def place(descriptors: dict[int, int]) -> None:
         os.close(fd)
 
 
+# What QEMU is given to receive a migration: the state comes later, over QMP (migrate-incoming), and
+# the guest stays paused once it is in, until the agent has taken it as its own (migration.py).
+INCOMING_ARGV = ("-incoming", "defer", "-S")
+
+
+def incoming_once(marker: str) -> bool:
+    """Whether this start receives a migration: the marker is there, and is used up by this start.
+    A restart of the same unit (systemd's restart policy, after a crash) then boots the guest."""
+    if not marker:
+        return False
+    try:
+        os.unlink(marker)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def launch(plan: LaunchPlan, qemu_argv: list[str]) -> None:
     """Make the descriptors and exec QEMU; returns only by raising."""
+    if incoming_once(plan.incoming):
+        qemu_argv = [*qemu_argv, *INCOMING_ARGV]
     descriptors: dict[int, int] = {}
     try:
         for tap in plan.taps:

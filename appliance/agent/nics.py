@@ -148,14 +148,16 @@ class PasstRequest:
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """The descriptors a guest's launcher makes before it becomes QEMU."""
+    """The descriptors a guest's launcher makes before it becomes QEMU, and, for a guest arriving by
+    migration, the file whose presence says this start receives it (launch.py)."""
 
     tap_helper_socket: str
     taps: list[TapRequest] = field(default_factory=list)
     passt: list[PasstRequest] = field(default_factory=list)
+    incoming: str = ""
 
     def __bool__(self) -> bool:
-        return bool(self.taps or self.passt)
+        return bool(self.taps or self.passt or self.incoming)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -167,6 +169,8 @@ class LaunchPlan:
             tap_helper_socket=data["tap_helper_socket"],
             taps=[TapRequest(**tap) for tap in data["taps"]],
             passt=[PasstRequest(**passt) for passt in data["passt"]],
+            # Plans written before migration (in units still running) have none.
+            incoming=data.get("incoming", ""),
         )
 
 

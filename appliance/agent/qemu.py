@@ -22,6 +22,8 @@ from appliance.agent.processes import live_pid
 from appliance.agent.qmp import ConnectError, QMPClient, QMPError
 
 POLL_SECONDS = 0.05
+# Every guest's machine: q35, which QEMU resolves to its newest versioned q35 type.
+MACHINE = "q35"
 # How long a QMP user waits for the one before it (a command takes milliseconds).
 MONITOR_WAIT = 30.0
 
@@ -53,14 +55,21 @@ class QemuFiles:
 
 
 def base_argv(
-    name: str, accel: AccelChoice, memory_mib: int, cpus: int, files: QemuFiles, serial_socket: Path | None = None
+    name: str,
+    accel: AccelChoice,
+    memory_mib: int,
+    cpus: int,
+    files: QemuFiles,
+    serial_socket: Path | None = None,
+    machine: str = MACHINE,
 ) -> list[str]:
     """The start of every QEMU command line here: machine, accelerator, size, no default
     devices or display, the console to a file, a pid file and a QMP socket.
 
     With `serial_socket` the console is also a unix socket one client at a time can attach to
     (QEMU's log of the chardev keeps writing console_log, attached or not; unattached, the
-    guest's output is not held up)."""
+    guest's output is not held up). `machine` is q35 (this QEMU's newest q35) unless a guest
+    arriving by migration needs the versioned type it runs as on its node (pc-q35-7.2, ...)."""
     if serial_socket is None:
         serial = ["-serial", f"file:{files.console_log}"]
     else:
@@ -68,7 +77,7 @@ def base_argv(
                   "-serial", "chardev:serial0"]  # fmt: skip
     return [
         QEMU, "-name", name,
-        "-machine", f"q35,accel={accel.accel}", "-cpu", accel.cpu,
+        "-machine", f"{machine},accel={accel.accel}", "-cpu", accel.cpu,
         "-m", str(memory_mib), "-smp", str(cpus),
         "-nodefaults", "-display", "none",
         *serial,
