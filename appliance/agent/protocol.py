@@ -27,8 +27,16 @@ PROTOCOL_VERSION = 1
 MAX_LINE_BYTES = 1 << 20
 # The one method whose request line is followed by raw data (size_bytes of it).
 UPLOAD_METHOD = "image.import"
-# The methods whose result line is followed by a raw relay until the connection ends.
-RELAY_METHODS = ("guest.console_attach", "guest.display_attach")
+# The methods whose result line is followed by a raw relay until the connection ends (a migration's
+# streams and files among them: streams.py).
+RELAY_METHODS = (
+    "guest.console_attach",
+    "guest.display_attach",
+    "migration.source_stream",
+    "migration.dest_stream",
+    "migration.send_file",
+    "migration.receive_file",
+)
 
 
 @dataclass(frozen=True)

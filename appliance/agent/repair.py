@@ -11,7 +11,10 @@ to guests/NAME; deleted by moving guests/NAME away (kept-disks/ or
 .deleting-PID-NAME), then the row goes. Images (images.py): row committed,
 then the verified upload linked into place; deleted file first, row second.
 Disks of a defined guest (disks.py): .adding-, .growing- and .removing-PID-FILE
-in its directory, finished or undone by repair_disks.
+in its directory, finished or undone by repair_disks. A guest arriving by
+migration (migration.py): made in guests/.creating-PID-NAME, renamed to
+guests/NAME with a marker .incoming-PID and no row; its QEMU ended and its
+directory removed if its agent died before the row, the marker dropped if after.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from appliance.agent.errors import AgentError
 from appliance.agent.guests import CREATING_PREFIX, DELETING_PREFIX, Hypervisor, image_info
 from appliance.agent.images import PARTIAL_PREFIX
 from appliance.agent.kept import RESTORING_PREFIX
+from appliance.agent.migration import arrival_owner, repair_arrival
 from appliance.agent.model import Disk, GuestSpec
 from appliance.agent.store import Store
 from appliance.agent.supervisors import GuestFiles
@@ -66,6 +70,8 @@ def repair_guests(host: Hypervisor, store: Store) -> None:
         elif entry.name.startswith(DELETING_PREFIX):
             if not owner_alive(entry, DELETING_PREFIX):
                 shutil.rmtree(entry, ignore_errors=True)
+        elif arrival_owner(entry) is not None:
+            repair_arrival(host, entry, entry.name in defined)
         elif entry.name not in defined:
             set_aside_undefined(host, entry)
         else:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from appliance.agent import __version__, consoles, disks, guests, images, kept, node
+from appliance.agent import __version__, consoles, disks, guests, images, kept, migration, node, streams
 from appliance.agent.errors import AgentError, ErrorCode
 from appliance.agent.host import collect_report
 from appliance.agent.model import (
@@ -50,6 +50,8 @@ class ServerContext:
         self._store: Store | None = None
         # The request stream, for methods whose request line is followed by raw data.
         self.requests: BinaryIO | None = None
+        # Guests this connection is moving, held across its requests until it ends.
+        self.migrations = migration.Sessions()
 
     @property
     def store(self) -> Store:
@@ -57,6 +59,10 @@ class ServerContext:
             self._store = Store(self.state_dir)
             repair(self.host, self._store)
         return self._store
+
+    def close(self) -> None:
+        """The connection ended, however: what it held goes (an arriving guest not yet taken, ...)."""
+        self.migrations.close(self.host)
 
 
 Method = Callable[[ServerContext, dict[str, Any]], Any]
@@ -272,6 +278,13 @@ def image_delete(context: ServerContext, params: dict[str, Any]) -> Any:
     return images.delete_image(context.host, context.store, guest_name(params))
 
 
+def migration_method(method: migration.Method) -> Method:
+    def call(context: ServerContext, params: dict[str, Any]) -> Any:
+        return method(context.host, context.store, context.migrations, params)
+
+    return call
+
+
 METHODS: dict[str, Method] = {
     "image.import": image_import,
     "image.list": image_list,
@@ -303,6 +316,7 @@ METHODS: dict[str, Method] = {
     "guest.disk_remove": guest_disk_remove,
     "guest.set_memory": guest_set_memory,
     "guest.set_cpu": guest_set_cpu,
+    **{name: migration_method(method) for name, method in {**migration.METHODS, **streams.METHODS}.items()},
 }
 
 
@@ -357,6 +371,13 @@ def refuse_upload(context: ServerContext, line: bytes) -> bool:
 
 
 def serve(context: ServerContext, requests: BinaryIO, replies: BinaryIO) -> None:
+    try:
+        serve_requests(context, requests, replies)
+    finally:
+        context.close()
+
+
+def serve_requests(context: ServerContext, requests: BinaryIO, replies: BinaryIO) -> None:
     context.requests = requests
     while True:
         try:
