@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.cli.migrate import add_migration_verbs
 from appliance.cli.output import as_json, format_fields, format_table, human_time
 from appliance.cli.parsing import (
     HelpFormatter,
@@ -220,6 +221,7 @@ def add_node_verbs(verbs: Verbs) -> None:
         parser.set_defaults(run=verb.runner or run_verb, verb_spec=verb)
     add_guest_definition_verbs(subparsers["guest"])
     add_display_verb(subparsers["guest"])
+    add_migration_verbs(subparsers["guest"], subparsers["node"])
     push = subparsers["image"].add_parser("push", help="upload an image (the node checks its sha256)")
     add_connection_options(push)
     push.add_argument("file", type=Path)

@@ -387,6 +387,32 @@ class Node:
 
         return self._call_once("image.import", params, send_data)
 
+    def import_image_from(
+        self,
+        name: str,
+        size: int,
+        sha256: str,
+        read: Callable[[int], bytes],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Any:
+        """image.import of `size` bytes that `read(at_most)` gives (another node's image, as a migration
+        copies it); the node checks size and sha256. A source that ends early ends this connection (the
+        node then drops the partial upload)."""
+        params = {"name": name, "size_bytes": size, "sha256": sha256}
+
+        def send_data(channel: paramiko.Channel) -> None:
+            sent = 0
+            while sent < size:
+                block = read(min(CHUNK, size - sent))
+                if not block:
+                    raise EOFError(f"the source of image {name} ended after {sent} of {size} bytes")
+                channel.sendall(block)
+                sent += len(block)
+                if progress:
+                    progress(sent, size)
+
+        return self._call_once("image.import", params, send_data)
+
     def open_relay(self, method: str, params: dict[str, Any]) -> Relay:
         """A relay method (guest.console_attach, guest.display_attach) on a channel of its own on this
         connection: once the agent answers, the channel carries raw bytes both ways (see the agent's
