@@ -21,7 +21,10 @@ Beside that, in the background, so the marker comes as early as before:
   on PORT with `tiny-hello from NAME`, printing `tiny-served` on the console;
   `tiny.connect=HOST:PORT` connects until it gets an answer and prints it as
   `tiny-got ANSWER`; `tiny.probe=HOST:PORT` tries once a second and prints
-  `tiny-probe HOST:PORT open` or `... closed` each time.
+  `tiny-probe HOST:PORT open` or `... closed` each time;
+- `tiny.counter` prints `tiny-count N` every second, N from 1 (a guest that
+  moved without a reboot counts on); `tiny.counter=vda` also writes that line
+  to the disk's sector 2048 (at 1 MiB) each time, synced.
 """
 
 from __future__ import annotations
@@ -85,6 +88,21 @@ POWER_BUTTON = "#!/bin/sh\necho powering off\npoweroff -f\n"
 
 # The seed, the network and the roles the kernel command line asks for (see the module's docstring).
 EXTRAS = r"""#!/bin/sh
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+    tiny.counter|tiny.counter=*)
+        disk="${word#tiny.counter}"
+        disk="${disk#=}"
+        (count=0
+         while true; do
+            count=$((count + 1))
+            echo "tiny-count $count"
+            [ -n "$disk" ] && echo "tiny-count $count" | dd of="/dev/$disk" bs=512 seek=2048 conv=notrunc,sync,fsync 2>/dev/null
+            sleep 1
+         done) &
+        ;;
+    esac
+done
 mkdir -p /mnt/seed
 seed=$(findfs LABEL=cidata 2>/dev/null)
 if [ -n "$seed" ] && mount -t vfat -o ro "$seed" /mnt/seed; then
