@@ -369,7 +369,8 @@ def step(client: QMPClient, session: Leaving, paths: GuestFiles, wait: float) ->
         if not session.memory_started and all(job and job.get("ready") for job in mine.values()):
             client.execute("migrate", {"uri": f"unix:{outgoing_socket(paths, MEMORY)}"})
             session.memory_started = True
-        elif state == "pre-switchover":
+        elif state == "pre-switchover" and not session.switched:
+            # Once: QEMU may still say pre-switchover a moment after migrate-continue.
             switch_over(client, session)
         elif state == "completed" or time.monotonic() >= deadline:
             return snapshot(session, status, mine)
@@ -428,16 +429,21 @@ def snapshot(session: Leaving, status: dict[str, Any], jobs: dict[str, Any]) -> 
 
 
 def source_finish(host: Hypervisor, store: Store, sessions: Sessions, name: str) -> dict[str, Any]:
-    """The destination has the guest: this node's QEMU, definition and disks go."""
-    session = sessions.leaving_guest(name)
-    if session.live:
-        with qmp(host, name) as client:
-            state = client.execute("query-migrate").get("status")
-        if state != "completed":
-            raise AgentError(ErrorCode.NOT_MIGRATING, f"guest {name!r}: its migration is {state}, not completed")
-    delete_locked(host, store, name, force=True, remove_disks=True)
-    del sessions.leaving[name]
-    session.lock.close()
+    """The destination has the guest: this node's QEMU, definition and disks go. From the connection that
+    began the migration, or another (the client lost that one): a running guest only once QEMU says its
+    migration completed."""
+    session = sessions.leaving.pop(name, None)
+    lock = session.lock if session else contextlib.ExitStack()
+    with lock:
+        if session is None:
+            store.guest(name)
+            lock.enter_context(operation(host, name))
+        if running_pid(host.paths(name)) is not None:
+            with qmp(host, name) as client:
+                state = client.execute("query-migrate").get("status")
+            if state != "completed":
+                raise AgentError(ErrorCode.NOT_MIGRATING, f"guest {name!r}: its migration is {state}, not completed")
+        delete_locked(host, store, name, force=True, remove_disks=True)
     return {"name": name, "removed": True}
 
 

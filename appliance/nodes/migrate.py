@@ -41,9 +41,12 @@ Connect = Callable[[], Node]
 
 
 class MigrationError(NodeError):
-    """The migration did not happen (the message says where the guest is now)."""
+    """The migration did not happen, or not all of it; the message says where the guest is now. `code` is
+    the agent's when an agent refused (migration_refused, policy_memory, guest_exists, ...)."""
 
-    code = "migration_failed"
+    def __init__(self, message: str, code: str = "migration_failed") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,11 @@ class Migration:
         self.arriving = False
         self.images_copied: list[str] = []
         self.files_copied: list[str] = []
+        self.disk_bytes = 0
+        self.taken = False
+        self.begun = False
+        # Where the guest is after a failure (abort says).
+        self.where = f"nothing moved: it stays on {source.label}"
 
     @property
     def live(self) -> bool:
@@ -142,6 +150,7 @@ class Migration:
             checked = self.destination.call("migration.dest_check", {"departure": self.departure})
             for image in checked["missing_images"]:
                 self.copy_image(image)
+            self.begun = True
             begun = self.destination.call("migration.dest_begin", {"departure": self.departure})
             self.arriving = True
             for file in begun["files"]:
@@ -149,8 +158,8 @@ class Migration:
             status = self.move_live() if self.live else {}
             switching = time.monotonic()
             taken = self.take()
-        except BaseException as error:
-            self.abort(error)
+        except BaseException:
+            self.abort()
             raise
         finally:
             self.streams.close()
@@ -167,7 +176,7 @@ class Migration:
             "downtime_ms": status.get("downtime_ms"),
             "switchover_ms": round(switchover * 1000) if self.live else None,
             "memory_bytes": memory.get("transferred"),
-            "disk_bytes": sum(disk["total"] for disk in status.get("disks", [])),
+            "disk_bytes": self.disk_bytes,
             "images_copied": self.images_copied,
             "files_copied": self.files_copied,
             **({"resume_error": taken["resume_error"]} if "resume_error" in taken else {}),
@@ -225,6 +234,7 @@ class Migration:
         )
         while status["phase"] != "completed":
             self.say(status)
+            self.disk_bytes = sum(disk["total"] for disk in status["disks"]) or self.disk_bytes
             # Still there? A destination gone is a migration to stop now, not after the source is done.
             self.destination.call("migration.dest_status", {"name": self.name})
             status = self.source.call("migration.source_status", {"name": self.name, "wait": STATUS_WAIT_SECONDS})
@@ -238,17 +248,19 @@ class Migration:
             taken: dict[str, Any] = self.destination.call(
                 "migration.dest_finish", {"name": self.name, "resume": resume}
             )
-        except (ConnectionLostError, NodeTimeoutError) as error:
+        except (ConnectionLostError, NodeTimeoutError):
             # Whether it took the guest before the connection went: only it can say.
-            settled = self.settle_destination()
-            if settled is not True:
+            if self.settle_destination() is not True:
                 raise
-            self.arriving = False
-            taken = {"resumed": False, "resume_error": f"the connection was lost as it took the guest: {error}"}
+            self.taken, self.arriving = True, False
+            taken = {"resumed": False}
             if resume:
-                self.destination.call_again("guest.resume", {"name": self.name})
-                taken = {"resumed": True}
-        self.arriving = False
+                try:
+                    self.destination.call_again("guest.resume", {"name": self.name})
+                    taken["resumed"] = True
+                except NodeError as error:  # it is the destination's all the same: said, never undone
+                    taken["resume_error"] = str(error)
+        self.taken, self.arriving = True, False
         return taken
 
     def leave(self) -> None:
@@ -273,24 +285,37 @@ class Migration:
             return None
         return bool(answer["defined"])
 
-    def abort(self, error: BaseException) -> None:
+    def abort(self) -> None:
         """After a failure: the destination's arrival goes, the source's guest stays (and runs again if QEMU
-        had paused it at the end, once it is sure the destination did not take it)."""
+        had paused it at the end, once it is sure the destination did not take it); `where` says which."""
         self.streams.close()
-        settled = self.settle_destination()
-        if settled is True:  # the destination took it after all (a reply lost): this is a migration done
+        source, destination = self.source.label, self.destination.label
+        if self.taken:  # the destination has the guest: the source's copy must never run again
+            self.where = f"it is on {destination}; its copy on {source} is left paused"
             return
+        settled = self.settle_destination()
         resume = settled is False and self.departure.get("state") == "running"
         try:
-            self.source.call_again("migration.source_abort", {"name": self.name, "resume": resume})
+            state = self.source.call_again("migration.source_abort", {"name": self.name, "resume": resume})["state"]
         except NodeError as failure:
-            error.add_note(f"{self.source.label} could not be told to keep {self.name}: {failure}")
-        if settled is None and self.live:
-            error.add_note(
-                f"{self.destination.label} could not be asked whether it took {self.name}; on "
-                f"{self.source.label} the guest is left as QEMU left it (paused if its migration had "
-                f"finished): see `appliance guest info` on both before resuming it"
+            self.where = f"{source} could not be told to keep it ({failure}): see `appliance guest info` there"
+            return
+        if settled is None and state == "postmigrate":
+            self.where = (
+                f"it is paused on {source}, and {destination} could not be asked whether it took it: see "
+                f"`appliance guest info` on both before resuming it on one"
             )
+        elif settled is None:
+            self.where = (
+                f"it stays on {source} ({state}); {destination} could not be reached to remove what was made "
+                "there (its agent removes it when its connection ends, or the next agent does)"
+            )
+        elif not self.begun and not self.images_copied:
+            self.where = f"nothing moved: it stays on {source}"
+        else:
+            self.where = f"it stays on {source} ({state}), and nothing of it is left on {destination}"
+            if self.images_copied:
+                self.where += f" but the images copied there first ({', '.join(self.images_copied)})"
 
 
 def relay_reader(relay: Relay) -> Callable[[int], bytes]:
@@ -322,12 +347,15 @@ def answer(relay: Relay, label: str) -> Any:
 def migrate_guest(
     source: Endpoint, destination: Endpoint, name: str, options: MigrationOptions, say: Say
 ) -> dict[str, Any]:
+    migration = Migration(source, destination, name, options, say)
     try:
-        return Migration(source, destination, name, options, say).run()
-    except AgentCallError:
+        return migration.run()
+    except MigrationError:
         raise
+    except AgentCallError as error:
+        raise MigrationError(f"{name}: {error.message}; {migration.where}", str(error.code)) from error
     except NodeError as error:
-        raise MigrationError(f"{name} stays on {source.label}: {error}") from error
+        raise MigrationError(f"{name}: {error}; {migration.where}") from error
 
 
 def evacuate(source: Endpoint, destination: Endpoint, options: MigrationOptions, say: Say) -> list[dict[str, Any]]:

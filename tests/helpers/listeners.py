@@ -29,6 +29,11 @@ class Listener:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.cut()
+
+    def cut(self) -> None:
+        """Stop listening and end every connection at once, as a network that goes away does (a relayed
+        connection's peers see it end: shut down, not only closed, which a thread blocked on it would hold)."""
         self._stopping = True
         # Shutting the listening socket down wakes accept(); closing alone does not on Linux.
         with contextlib.suppress(OSError):
@@ -36,6 +41,8 @@ class Listener:
         self._server.close()
         self._thread.join(timeout=10)
         for held in self._held:
+            with contextlib.suppress(OSError):
+                held.shutdown(socket.SHUT_RDWR)
             held.close()
 
     def _serve(self) -> None:

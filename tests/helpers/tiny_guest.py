@@ -97,7 +97,8 @@ for word in $(cat /proc/cmdline); do
          while true; do
             count=$((count + 1))
             echo "tiny-count $count"
-            [ -n "$disk" ] && echo "tiny-count $count" | dd of="/dev/$disk" bs=512 seek=2048 conv=notrunc,sync,fsync 2>/dev/null
+            [ -n "$disk" ] && echo "tiny-count $count" |
+                dd of="/dev/$disk" bs=512 seek=2048 conv=notrunc,sync,fsync 2>/dev/null
             sleep 1
          done) &
         ;;
