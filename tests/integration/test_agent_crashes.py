@@ -243,3 +243,36 @@ def test_a_disk_remove_killed_at_any_step(
         assert kept["disks"] == ["disk1.qcow2"] and kept["kept"].startswith("g-disk1-")
         assert kept["images"] == ["base"] and after.error_code("image.delete", {"name": "base"}) == "image_in_use"
     assert_every_name_usable(after, state_dir)
+
+
+def arriving_guest(image_sha256: str) -> dict[str, object]:
+    """What a node says of a stopped guest g leaving it (migration.source_begin's answer): one booting the
+    kernel "base", so nothing but its definition moves."""
+    definition = {"name": "g", "vcpus": 1, "memory_mib": 32, "disks": [], "nics": [],
+                  "kernel_boot": {"kernel_image": "base", "initrd_image": "", "cmdline": ""}, "autostart": True,
+                  "restart": "never", "cpu_weight": 100, "cpu_quota_percent": 0, "cloud_init": None, "cdrom": "",
+                  "boot_order": [], "display": False}  # fmt: skip
+    return {"definition": definition, "state": "stopped", "images": {"base": image_sha256}, "disks": []}
+
+
+@pytest.mark.parametrize("point", ["migration-in:made", "migration-in:arriving", "migration-in:row"])
+def test_an_arrival_killed_at_any_step(
+    agent: AgentProcess, start_agent: StartAgent, state_dir: Path, point: str
+) -> None:
+    assert "result" in agent.import_image("base", IMAGE)
+    departure = arriving_guest(hashlib.sha256(IMAGE).hexdigest())
+    victim = crashing(start_agent, point)
+    if point == "migration-in:row":
+        victim.result("migration.dest_begin", {"departure": departure})
+        send(victim, "migration.dest_finish", {"name": "g"})
+    else:
+        send(victim, "migration.dest_begin", {"departure": departure})
+    assert_killed_by_its_crash_point(victim)
+    after = start_agent()
+    # Before the row: nothing arrived, nothing is left. After it: the guest is this node's, as it was.
+    listed = [guest["name"] for guest in after.result("guest.list")]
+    assert listed == (["g"] if point == "migration-in:row" else [])
+    if listed:
+        assert after.result("guest.info", {"name": "g"})["definition"] == departure["definition"]
+        assert not list((state_dir / "guests" / "g").glob(".*"))
+    assert_every_name_usable(after, state_dir)
