@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,3 +88,22 @@ def test_descriptors_land_on_the_numbers_qemu_is_given() -> None:
     finally:
         for fd in (pipes[0][1], pipes[1][1], pipes[1][0], 90):
             os.close(fd)
+
+
+def test_a_guest_arriving_by_migration_waits_for_it_at_its_first_start_only(tmp_path: Path) -> None:
+    """The launcher's marker gives QEMU -incoming defer -S once; a restart of the same command (its
+    systemd unit's restart policy, after a crash) boots the guest instead."""
+    marker, seen = tmp_path / "incoming", tmp_path / "argv"
+    marker.touch()
+    plan = LaunchPlan(tap_helper_socket=str(tmp_path / "unused.sock"), incoming=str(marker)).to_json()
+    stand_in = ["sh", "-c", f'echo "$@" > {seen}', "qemu", "-name", "g"]
+    command = [sys.executable, "-m", "appliance.agent", "--config", str(tmp_path / "none.toml"), "launch-guest", plan]
+    subprocess.run([*command, "--", *stand_in], check=True)
+    assert seen.read_text().split() == ["-name", "g", "-incoming", "defer", "-S"] and not marker.exists()
+    subprocess.run([*command, "--", *stand_in], check=True)
+    assert seen.read_text().split() == ["-name", "g"]
+
+
+def test_plans_written_before_migration_launch_as_they_did() -> None:
+    old = json.dumps({"tap_helper_socket": "/run/x.sock", "taps": [], "passt": []})
+    assert LaunchPlan.from_json(old).incoming == "" and not LaunchPlan.from_json(old)
