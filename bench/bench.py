@@ -34,12 +34,14 @@ from load import TITLE as LOAD_TITLE  # noqa: E402
 from load import measure_load  # noqa: E402
 from loopback import measure_fleet, measure_loopback  # noqa: E402
 from machine import Machine, describe_machine, load_average  # noqa: E402
+from migration import TITLE as MIGRATION_TITLE  # noqa: E402
+from migration import measure_migrations  # noqa: E402
 from round_trips import RoundTrips  # noqa: E402
 
 from appliance.agent.accel import AccelChoice  # noqa: E402
 from appliance.progress import Progress  # noqa: E402
 
-SECTIONS = ("sizes", "builds", "boot", "roundtrip", "guests", "libvirt", "fleet", "load")
+SECTIONS = ("sizes", "builds", "boot", "roundtrip", "guests", "libvirt", "fleet", "load", "migration")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -174,6 +176,10 @@ def run_sections(
         sections.append(
             guarded("load", LOAD_TITLE, lambda: measure_load(work, progress, args.load_sessions, args.load_seconds))
         )
+    if "migration" in args.skip:
+        sections.append(skipped("migration", MIGRATION_TITLE, "--skip migration"))
+    else:
+        sections.append(guarded("migration", MIGRATION_TITLE, lambda: measure_migrations(work, progress)))
 
 
 def format_table(machine: Machine, meta: dict[str, object], sections: list[Section]) -> str:
