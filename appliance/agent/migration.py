@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -97,6 +98,11 @@ DISK_FILE = re.compile(r"disk[0-9]{1,3}\.qcow2")
 # The leaving QEMU's mirror jobs and their NBD targets: mig-DRIVE.
 JOB_PREFIX = "mig-"
 POLL_SECONDS = 0.02
+# --direct: the TLS credentials' object in each QEMU, their files' most size, what an address may be.
+TLS_OBJECT = "mig-tls"
+MAX_PEM = 16 * 1024
+HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")
+LISTEN_ADDRESS = "0.0.0.0"
 # Bounds on one status call's wait, on a destination's wait for its migration's last bytes, and on the
 # mirrors ending in step at the switch-over (they are in step already: a few seconds is plenty).
 MAX_STATUS_WAIT = 5
@@ -185,6 +191,83 @@ def failed(name: str, message: str) -> AgentError:
     return AgentError(ErrorCode.MIGRATION_FAILED, f"guest {name!r}: {message}")
 
 
+# --- a direct migration: TCP with TLS between the nodes ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Direct:
+    """A migration whose streams go straight from node to node, over TLS with credentials the client made
+    for it (`tls`: ca, cert and key, PEM): the destination listens on two TCP ports, the source connects
+    to them at `address`."""
+
+    tls: dict[str, str]
+    address: str = ""
+    ports: dict[str, int] = field(default_factory=dict)
+
+
+def parse_direct(params: dict[str, Any], leaving: bool) -> Direct | None:
+    value = params.get("direct")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid_field("direct", "must be an object: tls (and, leaving, address and ports)")
+    check_fields(value, {"tls", "address", "ports"} if leaving else {"tls"}, "direct")
+    tls = value.get("tls")
+    if not isinstance(tls, dict) or set(tls) != {"ca", "cert", "key"}:
+        raise invalid_field("direct.tls", "must be {ca, cert, key}, each PEM text")
+    for part, text in tls.items():
+        if not isinstance(text, str) or not text.startswith("-----BEGIN ") or len(text) > MAX_PEM:
+            raise invalid_field(f"direct.tls.{part}", f"must be PEM text of at most {MAX_PEM} characters")
+    if not leaving:
+        return Direct(tls)
+    address = value.get("address")
+    if not isinstance(address, str) or not HOST.fullmatch(address):
+        raise invalid_field("direct.address", "must be the destination's host name or IP address")
+    ports = value.get("ports")
+    if not isinstance(ports, dict):
+        raise invalid_field("direct.ports", "must be the destination's ports: {nbd, memory}")
+    return Direct(tls, address, {stream: check_int(ports, stream, 1, 65535) for stream in ("nbd", "memory")})
+
+
+def load_tls(client: QMPClient, directory: Path, tls: dict[str, str], endpoint: str) -> None:
+    """QEMU's TLS credentials object from the client's PEM text: written for QEMU to read, and removed as
+    soon as it has (it keeps them in memory)."""
+    work = directory / f".tls-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(mode=0o700)
+    try:
+        for file, part in (("ca-cert.pem", "ca"), (f"{endpoint}-cert.pem", "cert"), (f"{endpoint}-key.pem", "key")):
+            path = work / file
+            path.touch(mode=0o600)
+            path.write_text(tls[part])
+        with contextlib.suppress(QMPError):  # one a migration that stayed here left
+            client.execute("object-del", {"id": TLS_OBJECT})
+        client.execute("object-add", {"qom-type": "tls-creds-x509", "id": TLS_OBJECT, "endpoint": endpoint,
+                                      "dir": str(work), "verify-peer": True})  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def drop_tls(client: QMPClient) -> None:
+    """A direct migration's credentials gone from QEMU (the next migration is relayed, or brings its own)."""
+    for command, arguments in (("migrate-set-parameters", {"tls-creds": ""}), ("object-del", {"id": TLS_OBJECT})):
+        with contextlib.suppress(QMPError):  # none there: a relayed migration's
+            client.execute(command, arguments)
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now (QEMU takes them a moment later)."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for probe in probes:
+            probe.bind((LISTEN_ADDRESS, 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
+
+
+def tcp_uri(address: str, port: int) -> str:
+    return f"tcp:[{address}]:{port}" if ":" in address else f"tcp:{address}:{port}"
+
+
 # --- a guest leaving this node -------------------------------------------------------------------------
 
 
@@ -199,6 +282,8 @@ class Leaving:
     mirrors: dict[str, str]
     lock: contextlib.ExitStack
     started: bool = False
+    # Where QEMU sends the memory: the memory stream's relay socket, or the destination's port (--direct).
+    memory_uri: str = ""
     memory_started: bool = False
     switched: bool = False
 
@@ -211,6 +296,7 @@ class Arriving:
     arrival: Arrival
     lock: contextlib.ExitStack
     listening: bool = False
+    direct: bool = False
 
 
 @dataclass
@@ -308,9 +394,12 @@ def disk_sizes(spec: GuestSpec, sizes: dict[str, int]) -> list[dict[str, Any]]:
     return [{"file": disk.file, "drive": drive_id(disk), "virtual_size": sizes[drive_id(disk)]} for disk in spec.disks]
 
 
-def source_start(host: Hypervisor, sessions: Sessions, name: str, bandwidth_mib: int) -> dict[str, Any]:
-    """Every disk mirrored into the destination's NBD export through its stream's relay (which must be
-    listening: the client opens the streams first); the memory follows once the mirrors are in step."""
+def source_start(
+    host: Hypervisor, sessions: Sessions, name: str, bandwidth_mib: int, direct: Direct | None
+) -> dict[str, Any]:
+    """Every disk mirrored into the destination's NBD export, through its stream's relay (which must be
+    listening: the client opens the streams first), or straight to the destination over TLS (`direct`);
+    the memory follows the same way once the mirrors are in step."""
     session = sessions.leaving_guest(name)
     if not session.live or session.started:
         raise AgentError(ErrorCode.NOT_MIGRATING, f"guest {name!r}: nothing to start (stopped, or started already)")
@@ -322,11 +411,21 @@ def source_start(host: Hypervisor, sessions: Sessions, name: str, bandwidth_mib:
                            {"capabilities": [{"capability": "pause-before-switchover", "state": True}]})  # fmt: skip
             if speed:
                 client.execute("migrate-set-parameters", {"max-bandwidth": speed})
+            tls: dict[str, str] = {}
+            if direct:
+                load_tls(client, paths.directory, direct.tls, "client")
+                client.execute("migrate-set-parameters", {"tls-creds": TLS_OBJECT})
+                tls = {"tls-creds": TLS_OBJECT}
+                session.memory_uri = tcp_uri(direct.address, direct.ports["memory"])
+            else:
+                session.memory_uri = f"unix:{outgoing_socket(paths, MEMORY)}"
             for drive, sync in session.mirrors.items():
                 target = job_name(drive)
-                server = {"type": "unix", "path": str(outgoing_socket(paths, drive))}
+                server: dict[str, Any] = {"type": "unix", "path": str(outgoing_socket(paths, drive))}
+                if direct:
+                    server = {"type": "inet", "host": direct.address, "port": str(direct.ports["nbd"])}
                 client.execute("blockdev-add", {"driver": "nbd", "node-name": target, "export": drive,
-                                                "server": server})  # fmt: skip
+                                                "server": server, **tls})  # fmt: skip
                 mirror = {"job-id": target, "device": drive, "target": target, "sync": sync}
                 client.execute("blockdev-mirror", {**mirror, **({"speed": speed} if speed else {})})
             session.started = True
@@ -367,7 +466,7 @@ def step(client: QMPClient, session: Leaving, paths: GuestFiles, wait: float) ->
             raise failed(session.name, f"QEMU's migration {state}: {status.get('error-desc', 'no reason given')}; "
                                        "the guest runs on here")  # fmt: skip
         if not session.memory_started and all(job and job.get("ready") for job in mine.values()):
-            client.execute("migrate", {"uri": f"unix:{outgoing_socket(paths, MEMORY)}"})
+            client.execute("migrate", {"uri": session.memory_uri})
             session.memory_started = True
         elif state == "pre-switchover" and not session.switched:
             # Once: QEMU may still say pre-switchover a moment after migrate-continue.
@@ -470,6 +569,7 @@ def stay(host: Hypervisor, name: str, resume: bool) -> str:
     try:
         with qmp_session(paths) as client:
             cancel(client)
+            drop_tls(client)
             state = str(client.execute("query-status")["status"])
             if resume and state == "postmigrate":
                 client.execute("cont")
@@ -666,9 +766,10 @@ def dest_begin(host: Hypervisor, store: Store, sessions: Sessions, params: dict[
     return {"name": name, "files": copied_files(spec, arrival.live)}
 
 
-def dest_listen(host: Hypervisor, store: Store, sessions: Sessions, name: str) -> dict[str, Any]:
+def dest_listen(host: Hypervisor, store: Store, sessions: Sessions, name: str, direct: Direct | None) -> dict[str, Any]:
     """QEMU started, paused, waiting for the migration; its disks exported over NBD (writable) for the
-    mirrors, its migration listener on a socket; the streams' relays (streams.py) connect to both."""
+    mirrors, its migration listener on a socket, where the streams' relays (streams.py) connect; or
+    (`direct`) both on TCP ports of this node, over TLS, for a source holding the client's credentials."""
     session = sessions.arriving_guest(name)
     if not session.arrival.live or session.listening:
         raise AgentError(ErrorCode.NOT_MIGRATING, f"guest {name!r}: nothing to listen for (stopped, or listening)")
@@ -680,22 +781,34 @@ def dest_listen(host: Hypervisor, store: Store, sessions: Sessions, name: str) -
     check_start(host.policy, host.capacity(), running, spec)
     marker = paths.directory / LAUNCH_MARKER
     marker.touch()
-    session.listening = True
+    session.listening, session.direct = True, direct is not None
     launch(host, spec, paths, session.arrival.machine, marker)
+    answer: dict[str, Any] = {"name": name, "pid": running_pid(paths)}
     with qmp(host, name) as client:
         try:
             nodes = {str(block["device"]): str(block["inserted"]["node-name"])
                      for block in client.execute("query-block") if block.get("inserted")}  # fmt: skip
-            client.execute("nbd-server-start",
-                           {"addr": {"type": "unix", "data": {"path": str(paths.directory / NBD_SOCKET)}}})  # fmt: skip
+            if direct:
+                load_tls(client, paths.directory, direct.tls, "server")
+                nbd_port, memory_port = free_ports(2)
+                address = {"type": "inet", "data": {"host": LISTEN_ADDRESS, "port": str(nbd_port)}}
+                client.execute("nbd-server-start", {"addr": address, "tls-creds": TLS_OBJECT})
+                client.execute("migrate-set-parameters", {"tls-creds": TLS_OBJECT})
+                memory_uri = tcp_uri(LISTEN_ADDRESS, memory_port)
+                answer.update(streams=[], ports={"nbd": nbd_port, "memory": memory_port})
+            else:
+                address = {"type": "unix", "data": {"path": str(paths.directory / NBD_SOCKET)}}
+                client.execute("nbd-server-start", {"addr": address})
+                memory_uri = f"unix:{paths.directory / MEMORY_SOCKET}"
+                answer["streams"] = [MEMORY, *(drive_id(disk) for disk in spec.disks)]
             for disk in spec.disks:
                 drive = drive_id(disk)
                 client.execute("block-export-add", {"type": "nbd", "id": job_name(drive), "node-name": nodes[drive],
                                                     "name": drive, "writable": True})  # fmt: skip
-            client.execute("migrate-incoming", {"uri": f"unix:{paths.directory / MEMORY_SOCKET}"})
+            client.execute("migrate-incoming", {"uri": memory_uri})
         except QMPError as error:
             raise failed(name, f"QEMU here could not wait for the migration: {error}") from error
-    return {"name": name, "pid": running_pid(paths), "streams": [MEMORY, *(drive_id(disk) for disk in spec.disks)]}
+    return answer
 
 
 def dest_status(host: Hypervisor, store: Store, sessions: Sessions, name: str) -> dict[str, Any]:
@@ -713,7 +826,7 @@ def dest_finish(host: Hypervisor, store: Store, sessions: Sessions, name: str, r
     spec, paths = session.spec, host.paths(name)
     try:
         if session.arrival.live:
-            receive_last(host, name)
+            receive_last(host, name, session.direct)
         else:
             take_files(host, spec, paths)
         store.add_guest(spec)
@@ -739,8 +852,9 @@ def dest_finish(host: Hypervisor, store: Store, sessions: Sessions, name: str, r
     return answer
 
 
-def receive_last(host: Hypervisor, name: str) -> None:
-    """This QEMU has the whole guest: its migration completed; then its NBD server goes."""
+def receive_last(host: Hypervisor, name: str, direct: bool) -> None:
+    """This QEMU has the whole guest: its migration completed; then its NBD server (and a direct
+    migration's credentials) go."""
     deadline = time.monotonic() + FINISH_WAIT
     with qmp(host, name) as client:
         try:
@@ -749,6 +863,8 @@ def receive_last(host: Hypervisor, name: str) -> None:
                     raise failed(name, f"the migration here is {state}, not completed")
                 time.sleep(POLL_SECONDS)
             client.execute("nbd-server-stop")
+            if direct:
+                drop_tls(client)
         except QMPError as error:
             raise failed(name, f"QEMU here did not finish the migration: {error}") from error
 
@@ -856,7 +972,11 @@ METHODS: dict[str, Method] = {
         host, store, sessions, name_of(params)
     ),
     "migration.source_start": lambda host, store, sessions, params: source_start(
-        host, sessions, name_of(params, {"bandwidth_mib"}), check_int(params, "bandwidth_mib", 0, 1 << 20, 0)
+        host,
+        sessions,
+        name_of(params, {"bandwidth_mib", "direct"}),
+        check_int(params, "bandwidth_mib", 0, 1 << 20, 0),
+        parse_direct(params, leaving=True),
     ),
     "migration.source_status": lambda host, store, sessions, params: source_status(
         host, sessions, name_of(params, {"wait"}), check_int(params, "wait", 0, MAX_STATUS_WAIT, 1)
@@ -869,7 +989,9 @@ METHODS: dict[str, Method] = {
     ),
     "migration.dest_check": dest_check,
     "migration.dest_begin": dest_begin,
-    "migration.dest_listen": lambda host, store, sessions, params: dest_listen(host, store, sessions, name_of(params)),
+    "migration.dest_listen": lambda host, store, sessions, params: dest_listen(
+        host, store, sessions, name_of(params, {"direct"}), parse_direct(params, leaving=False)
+    ),
     "migration.dest_status": lambda host, store, sessions, params: dest_status(host, store, sessions, name_of(params)),
     "migration.dest_finish": lambda host, store, sessions, params: dest_finish(
         host, store, sessions, name_of(params, {"resume"}), flag(params, "resume", True)

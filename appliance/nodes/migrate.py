@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.nodes.client import Node, Relay, read_line
+from appliance.nodes.credentials import make_credentials
 from appliance.nodes.errors import AgentCallError, ConnectionLostError, NodeError, NodeTimeoutError
 from appliance.nodes.relay import pump
 
@@ -53,6 +54,9 @@ class MigrationError(NodeError):
 class MigrationOptions:
     # MiB/s for the memory and each disk's copy (0: QEMU's own limits).
     bandwidth_mib: int = 0
+    # --direct: the address the source reaches the destination at; the streams then go straight between
+    # the nodes over TCP with TLS (credentials made for this migration alone). Empty: relayed.
+    direct_address: str = ""
 
 
 @dataclass
@@ -171,6 +175,7 @@ class Migration:
             "from": self.source.label,
             "to": self.destination.label,
             "live": self.live,
+            "route": ("direct" if self.options.direct_address else "relayed") if self.live else "relayed",
             "state": "running" if taken.get("resumed") else "paused" if self.live else "stopped",
             "seconds": round(time.monotonic() - started, 3),
             "downtime_ms": status.get("downtime_ms"),
@@ -225,13 +230,21 @@ class Migration:
 
     def move_live(self) -> dict[str, Any]:
         """The destination's QEMU waiting, a stream pair per disk and one for the memory, then the source
-        mirrors and migrates; its status is followed (and shown) until QEMU says completed."""
-        listening = self.destination.call("migration.dest_listen", {"name": self.name})
-        for stream in listening["streams"]:
-            self.streams.open(self.source, self.destination, self.name, stream)
-        status: dict[str, Any] = self.source.call(
-            "migration.source_start", {"name": self.name, "bandwidth_mib": self.options.bandwidth_mib}
-        )
+        mirrors and migrates; its status is followed (and shown) until QEMU says completed. Direct: the
+        destination listens on TCP ports with TLS, and the source connects there with its own credentials."""
+        start: dict[str, Any] = {"name": self.name, "bandwidth_mib": self.options.bandwidth_mib}
+        address = self.options.direct_address
+        if address:
+            credentials = make_credentials(address)
+            listening = self.destination.call(
+                "migration.dest_listen", {"name": self.name, "direct": {"tls": credentials.server()}}
+            )
+            start["direct"] = {"tls": credentials.client(), "address": address, "ports": listening["ports"]}
+        else:
+            listening = self.destination.call("migration.dest_listen", {"name": self.name})
+            for stream in listening["streams"]:
+                self.streams.open(self.source, self.destination, self.name, stream)
+        status: dict[str, Any] = self.source.call("migration.source_start", start)
         while status["phase"] != "completed":
             self.say(status)
             self.disk_bytes = sum(disk["total"] for disk in status["disks"]) or self.disk_bytes
