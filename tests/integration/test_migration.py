@@ -356,3 +356,30 @@ def test_the_connection_to_the_destination_cut_mid_migration_leaves_the_guest_on
     assert_left_on_the_source(nodes, "cutoff", console)
     assert migration_status(nodes.state("A"), "cutoff")["jobs"] == []
     nodes.ok("guest", "delete", "A", "cutoff", "--force", "--remove-disks")
+
+
+def test_a_running_guest_moves_straight_between_the_nodes_over_tls(
+    nodes: Nodes, tiny_guest: TinyGuest, tmp_path: Path
+) -> None:
+    """--direct: the memory and the disk go from A's QEMU to B's over TCP with TLS, with credentials the
+    client made for this migration (none left behind on either node afterwards)."""
+    console = counting_guest(nodes, tiny_guest, "straight", "--disk", "size=1G", counter="tiny.counter=vda")
+    write_pattern(nodes.state("A") / "guests" / "straight" / "disk0.qcow2")
+    start_counting(nodes, "straight", console)
+    before = counts(console)[-1]
+
+    result = nodes.json("guest", "migrate", "A", "straight", "B", "--direct")
+
+    assert (result["live"], result["route"], result["state"]) == (True, "direct", "running")
+    assert result["disk_bytes"] >= GIB and "straight" not in nodes.guests("A")
+    arrived = nodes.state("B") / "guests" / "straight"
+    wait_until(lambda: len(counts(arrived / "console.log")) >= 2, DEADLINE, "the guest to count on at B")
+    assert counts(arrived / "console.log")[0] > before
+    with qmp_session(GuestFiles(arrived)) as client:
+        objects = {entry["name"] for entry in client.execute("qom-list", {"path": "/objects"})}
+        assert "mig-tls" not in objects  # the credentials are gone from QEMU too
+        assert client.execute("query-migrate-parameters")["tls-creds"] == ""
+    assert not list(arrived.glob(".*")) and not list(arrived.glob("*.pem"))
+    nodes.ok("guest", "stop", "B", "straight")
+    assert_pattern(raw_bytes(arrived / "disk0.qcow2", tmp_path))
+    nodes.ok("guest", "delete", "B", "straight", "--remove-disks")

@@ -37,3 +37,9 @@ def test_progress_says_what_moves_and_how_fast_the_guest_dirties_memory() -> Non
         "copying image debian: 25% of 4 MiB"
     )
     assert line({"phase": "completed", **status, "downtime_ms": 29}).endswith("downtime 29 ms")
+
+
+def test_a_direct_address_without_direct_is_a_usage_error() -> None:
+    result = subprocess.run([sys.executable, "-m", "appliance.cli", "guest", "migrate", "node1", "web", "node2",
+                             "--direct-address", "10.0.0.2"], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2 and "--direct-address goes with --direct" in result.stderr
