@@ -41,6 +41,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -106,6 +107,8 @@ LISTEN_ADDRESS = "0.0.0.0"
 # Bounds on one status call's wait, on a destination's wait for its migration's last bytes, and on the
 # mirrors ending in step at the switch-over (they are in step already: a few seconds is plenty).
 MAX_STATUS_WAIT = 5
+# How long the watcher holds the monitor at a time (another agent asking about the guest waits at most so).
+WATCH_SECONDS = 0.5
 FINISH_WAIT = 60.0
 SWITCHOVER_WAIT = 60.0
 # QEMU's migration states in which it is still moving (query-migrate's status).
@@ -286,6 +289,18 @@ class Leaving:
     memory_uri: str = ""
     memory_started: bool = False
     switched: bool = False
+    # The thread that follows QEMU once the migration has started (watch), and what it last saw.
+    watcher: threading.Thread | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+    snapshot: dict[str, Any] = field(default_factory=dict)
+    error: AgentError | None = None
+
+    def stop_watching(self) -> None:
+        """The watcher ended (before anything else asks QEMU to do something about this migration)."""
+        self.stop.set()
+        if self.watcher is not None:
+            self.watcher.join(timeout=SWITCHOVER_WAIT)
 
 
 @dataclass
@@ -324,7 +339,9 @@ class Sessions:
             with self.arriving.pop(name).lock:
                 abandon(host, name)
         for name in list(self.leaving):
-            with self.leaving.pop(name).lock:
+            session = self.leaving.pop(name)
+            session.stop_watching()
+            with session.lock:
                 try:
                     stay(host, name, resume=False)
                 except AgentError as error:  # the connection is gone: the node's journal is who hears of it
@@ -429,26 +446,52 @@ def source_start(
                 mirror = {"job-id": target, "device": drive, "target": target, "sync": sync}
                 client.execute("blockdev-mirror", {**mirror, **({"speed": speed} if speed else {})})
             session.started = True
-            return step(client, session, paths, 0.0)
+            session.snapshot = step(client, session, paths, 0.0)
         except QMPError as error:
             raise failed(name, f"QEMU did not start the migration: {error}") from error
+    session.watcher = threading.Thread(target=watch, args=(paths, session), name=f"watch-{name}", daemon=True)
+    session.watcher.start()
+    return session.snapshot
+
+
+def watch(paths: GuestFiles, session: Leaving) -> None:
+    """Follows QEMU in a thread of the agent that started the migration, whatever the client does meanwhile:
+    the memory starts the moment the mirrors are in step, and the switch-over is done the moment QEMU
+    pauses the guest for it, never a round trip of the client later. Each look at QEMU is a monitor session
+    of its own, so other agents' requests about the guest get their turn in between."""
+    while not session.stop.is_set():
+        try:
+            with qmp_session(paths) as client:
+                snapshot = step(client, session, paths, WATCH_SECONDS, session.stop)
+        except AgentError as error:
+            snapshot, session.error = session.snapshot, error
+        except QMPError as error:
+            snapshot, session.error = session.snapshot, failed(session.name, f"QEMU stopped answering: {error}")
+        with session.changed:
+            session.snapshot = snapshot
+            session.changed.notify_all()
+        if session.error is not None or snapshot["phase"] == "completed":
+            return
 
 
 def source_status(host: Hypervisor, sessions: Sessions, name: str, wait: float) -> dict[str, Any]:
-    """Where the migration is, after at most `wait` seconds: the memory is started once the mirrors are
-    in step, and the switch-over done when QEMU pauses for it, in here, so the guest is paused no longer
-    than it must be. Returns early once QEMU is done."""
+    """Where the migration is, as the watcher last saw it: at once when QEMU is done (or the migration
+    failed), else after `wait` seconds."""
     session = sessions.leaving_guest(name)
     if not session.started:
         raise AgentError(ErrorCode.NOT_MIGRATING, f"guest {name!r}: its migration has not started")
-    with qmp(host, name) as client:
-        try:
-            return step(client, session, host.paths(name), wait)
-        except QMPError as error:
-            raise failed(name, f"QEMU stopped answering about the migration: {error}") from error
+    with session.changed:
+        session.changed.wait_for(lambda: session.error is not None or session.snapshot["phase"] == "completed", wait)
+        if session.error is not None:
+            raise session.error
+        return session.snapshot
 
 
-def step(client: QMPClient, session: Leaving, paths: GuestFiles, wait: float) -> dict[str, Any]:
+def step(
+    client: QMPClient, session: Leaving, paths: GuestFiles, wait: float, stop: threading.Event | None = None
+) -> dict[str, Any]:
+    """QEMU looked at every POLL_SECONDS for up to `wait` seconds (or until `stop`), doing what is due:
+    the memory started, the switch-over; the last look, as the client is shown it."""
     deadline = time.monotonic() + wait
     while True:
         jobs = {str(job["device"]): job for job in client.execute("query-block-jobs")}
@@ -471,7 +514,7 @@ def step(client: QMPClient, session: Leaving, paths: GuestFiles, wait: float) ->
         elif state == "pre-switchover" and not session.switched:
             # Once: QEMU may still say pre-switchover a moment after migrate-continue.
             switch_over(client, session)
-        elif state == "completed" or time.monotonic() >= deadline:
+        elif state == "completed" or time.monotonic() >= deadline or (stop is not None and stop.is_set()):
             return snapshot(session, status, mine)
         time.sleep(POLL_SECONDS)
 
@@ -537,6 +580,8 @@ def source_finish(host: Hypervisor, store: Store, sessions: Sessions, name: str)
         if session is None:
             store.guest(name)
             lock.enter_context(operation(host, name))
+        else:
+            session.stop_watching()
         if running_pid(host.paths(name)) is not None:
             with qmp(host, name) as client:
                 state = client.execute("query-migrate").get("status")
@@ -556,6 +601,8 @@ def source_abort(host: Hypervisor, store: Store, sessions: Sessions, name: str, 
         if session is None:
             store.guest(name)
             lock.enter_context(operation(host, name))
+        else:
+            session.stop_watching()
         state = stay(host, name, resume)
     return {"name": name, "state": state}
 
