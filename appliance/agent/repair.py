@@ -12,7 +12,7 @@ to guests/NAME; deleted by moving guests/NAME away (kept-disks/ or
 then the verified upload linked into place; deleted file first, row second.
 Disks of a defined guest (disks.py): .adding-, .growing- and .removing-PID-FILE
 in its directory, finished or undone by repair_disks. A guest arriving by
-migration (migration.py): made in guests/.creating-PID-NAME, renamed to
+migration (arriving.py): made in guests/.creating-PID-NAME, renamed to
 guests/NAME with a marker .incoming-PID and no row; its QEMU ended and its
 directory removed if its agent died before the row, the marker dropped if after.
 """
@@ -25,12 +25,12 @@ import sys
 import time
 from pathlib import Path
 
+from appliance.agent.arriving import arrival_owner, repair_arrival
 from appliance.agent.disks import ADDING_PREFIX, GROWING_PREFIX, REMOVING_PREFIX, keep, resize
 from appliance.agent.errors import AgentError
 from appliance.agent.guests import CREATING_PREFIX, DELETING_PREFIX, Hypervisor, image_info
 from appliance.agent.images import PARTIAL_PREFIX
 from appliance.agent.kept import RESTORING_PREFIX
-from appliance.agent.migration import arrival_owner, repair_arrival
 from appliance.agent.model import Disk, GuestSpec
 from appliance.agent.store import Store
 from appliance.agent.supervisors import GuestFiles

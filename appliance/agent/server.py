@@ -14,7 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from appliance.agent import __version__, consoles, disks, guests, images, kept, migration, node, streams
+from appliance.agent import (
+    __version__,
+    arriving,
+    consoles,
+    disks,
+    guests,
+    images,
+    kept,
+    leaving,
+    migration,
+    node,
+    streams,
+)
 from appliance.agent.errors import AgentError, ErrorCode
 from appliance.agent.host import collect_report
 from appliance.agent.model import (
@@ -316,7 +328,10 @@ METHODS: dict[str, Method] = {
     "guest.disk_remove": guest_disk_remove,
     "guest.set_memory": guest_set_memory,
     "guest.set_cpu": guest_set_cpu,
-    **{name: migration_method(method) for name, method in {**migration.METHODS, **streams.METHODS}.items()},
+    **{
+        name: migration_method(method)
+        for name, method in {**leaving.METHODS, **arriving.METHODS, **streams.METHODS}.items()
+    },
 }
 
 

@@ -28,21 +28,11 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from appliance.agent.arriving import MEMORY_SOCKET, NBD_SOCKET, arrival_owner
 from appliance.agent.consoles import ByteSource, relay_bytes
 from appliance.agent.errors import AgentError, ErrorCode, guest_not_running
 from appliance.agent.guests import Hypervisor, drive_id
-from appliance.agent.migration import (
-    DISK_FILE,
-    MEMORY,
-    MEMORY_SOCKET,
-    NBD_SOCKET,
-    Method,
-    Sessions,
-    arrival_owner,
-    copied_files,
-    name_of,
-    outgoing_socket,
-)
+from appliance.agent.migration import DISK_FILE, MEMORY, Method, Sessions, copied_files, name_of, outgoing_socket
 from appliance.agent.model import check_fields, check_int, check_name, invalid_field
 from appliance.agent.protocol import Handover, error_message, result_message
 from appliance.agent.qemu import running_pid

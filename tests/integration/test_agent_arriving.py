@@ -12,7 +12,7 @@ import pytest
 from helpers.agent_process import AgentProcess, StartAgent
 
 from appliance.agent.accel import QEMU
-from appliance.agent.migration import machine_types, qemu_version
+from appliance.agent.arriving import machine_types, qemu_version
 
 IMAGE = b"kernel bytes " * 1000
 SHA256 = hashlib.sha256(IMAGE).hexdigest()
