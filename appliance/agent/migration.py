@@ -67,6 +67,9 @@ JOB_PREFIX = "mig-"
 POLL_SECONDS = 0.02
 # --direct: the TLS credentials' object in each QEMU, their files' most size, what an address may be.
 TLS_OBJECT = "mig-tls"
+# Where the credentials wait in the guest's directory for QEMU to load them (repair.py removes a dead
+# agent's).
+TLS_PREFIX = ".tls-"
 
 MAX_PEM = 16 * 1024
 
@@ -175,7 +178,7 @@ def parse_direct(params: dict[str, Any], leaving: bool) -> Direct | None:
 def load_tls(client: QMPClient, directory: Path, tls: dict[str, str], endpoint: str) -> None:
     """QEMU's TLS credentials object from the client's PEM text: written for QEMU to read, and removed as
     soon as it has (it keeps them in memory)."""
-    work = directory / f".tls-{os.getpid()}"
+    work = directory / f"{TLS_PREFIX}{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(mode=0o700)
     try:

@@ -31,6 +31,7 @@ from appliance.agent.errors import AgentError
 from appliance.agent.guests import CREATING_PREFIX, DELETING_PREFIX, Hypervisor, image_info
 from appliance.agent.images import PARTIAL_PREFIX
 from appliance.agent.kept import RESTORING_PREFIX
+from appliance.agent.migration import TLS_PREFIX
 from appliance.agent.model import Disk, GuestSpec
 from appliance.agent.store import Store
 from appliance.agent.supervisors import GuestFiles
@@ -114,10 +115,14 @@ def set_aside_undefined(host: Hypervisor, entry: Path) -> None:
 
 
 def remove_dead_markers(directory: Path) -> None:
-    """A defined guest's .creating-PID marker left by an older agent that died after the commit."""
+    """A defined guest's .creating-PID marker left by an older agent that died after the commit, and the
+    TLS credentials of a direct migration whose agent died before QEMU had loaded them."""
     for marker in directory.glob(f"{CREATING_PREFIX}*"):
         if not owner_alive(marker, CREATING_PREFIX):
             marker.unlink(missing_ok=True)
+    for credentials in directory.glob(f"{TLS_PREFIX}*"):
+        if not owner_alive(credentials, TLS_PREFIX):
+            shutil.rmtree(credentials, ignore_errors=True)
 
 
 def repair_disks(host: Hypervisor, spec: GuestSpec, directory: Path) -> None:

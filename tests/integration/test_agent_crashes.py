@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -276,3 +278,19 @@ def test_an_arrival_killed_at_any_step(
         assert after.result("guest.info", {"name": "g"})["definition"] == departure["definition"]
         assert not list((state_dir / "guests" / "g").glob(".*"))
     assert_every_name_usable(after, state_dir)
+
+
+def test_credentials_of_a_direct_migration_whose_agent_died_are_removed(
+    agent: AgentProcess, start_agent: StartAgent, state_dir: Path
+) -> None:
+    """A direct migration's key files wait in the guest's directory only until QEMU has read them; an agent
+    killed in between leaves them, and the next one removes them (a live agent's are left alone)."""
+    assert "result" in agent.import_image("base", IMAGE)
+    agent.result("guest.create", GUEST)
+    dead, alive = state_dir / "guests" / "g" / ".tls-999999999", state_dir / "guests" / "g" / f".tls-{os.getpid()}"
+    for credentials in (dead, alive):
+        credentials.mkdir()
+        (credentials / "client-key.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    start_agent().result("guest.list")
+    assert not dead.exists() and alive.exists()
+    shutil.rmtree(alive)

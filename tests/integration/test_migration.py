@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ class Nodes:
     b: Sshd
     key: Path
     directory: Path
+    # Nodes a test started besides A and B (stopped with them).
+    extra: list[Sshd] = field(default_factory=list)
 
     def address(self, node: str) -> str:
         return f"root@127.0.0.1:{(self.a if node == 'A' else self.b).port}"
@@ -89,8 +91,8 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
         for guest in json.loads(both.cli("guest", "list", node, "--json").stdout or "[]"):
             if guest["state"] != "stopped":
                 both.cli("guest", "kill", node, guest["name"])
-    a.stop()
-    b.stop()
+    for node in (a, b, *both.extra):
+        node.stop()
 
 
 @pytest.fixture(scope="module")
@@ -383,3 +385,37 @@ def test_a_running_guest_moves_straight_between_the_nodes_over_tls(
     nodes.ok("guest", "stop", "B", "straight")
     assert_pattern(raw_bytes(arrived / "disk0.qcow2", tmp_path))
     nodes.ok("guest", "delete", "B", "straight", "--remove-disks")
+
+
+def test_evacuate_moves_every_guest_and_names_the_one_that_cannot_move(nodes: Nodes, tmp_path: Path) -> None:
+    """Two guests move; one whose base image B has with other bytes stays on A, named; the exit is 1."""
+    source = fresh_node(nodes, tmp_path)
+    for path, fill in ((tmp_path / "a" / "evac-base.img", b"\x03"), (tmp_path / "b" / "evac-base.img", b"\x04")):
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(fill * MIB)
+    nodes.ok("image", "push", source, str(tmp_path / "a" / "evac-base.img"))
+    nodes.ok("image", "push", "B", str(tmp_path / "b" / "evac-base.img"))
+    nodes.ok("guest", "create", source, "evac-one", "--memory", "64", "--disk", "size=1G")
+    nodes.ok("guest", "create", source, "evac-two", "--memory", "64", "--disk", "size=2G", "--nic", "user")
+    nodes.ok("guest", "create", source, "evac-stays", "--memory", "64", "--disk", "image=evac-base.img")
+
+    evacuated = nodes.cli("node", "evacuate", source, "--to", "B", "--json")
+
+    assert evacuated.returncode == 1 and "Traceback" not in evacuated.stderr, evacuated.stderr
+    outcomes = {outcome["name"]: outcome for outcome in json.loads(evacuated.stdout)}
+    assert [name for name, outcome in outcomes.items() if outcome["ok"]] == ["evac-one", "evac-two"]
+    assert outcomes["evac-stays"]["code"] == "migration_refused"
+    assert "appliance: evac-stays: " in evacuated.stderr
+    assert nodes.guests(source) == ["evac-stays"]
+    assert {"evac-one", "evac-two"} <= set(nodes.guests("B"))
+    for name in ("evac-one", "evac-two"):
+        nodes.ok("guest", "delete", "B", name, "--remove-disks")
+
+
+def fresh_node(nodes: Nodes, tmp_path: Path) -> str:
+    """A third node (an sshd forcing an agent of its own, sharing A's key), so evacuate sees only the guests
+    made here; its address (stopped at the end of the module)."""
+    node = Sshd(tmp_path / "c" / "sshd", nodes.key.with_suffix(".pub").read_text().strip(), tmp_path / "c" / "state")
+    node.start()
+    nodes.extra.append(node)
+    return f"root@127.0.0.1:{node.port}"
