@@ -160,8 +160,10 @@ def parse_arrival(params: dict[str, Any]) -> Arrival:
     images = departure.get("images", {})
     if not isinstance(images, dict) or set(images) != spec.images_used():
         raise invalid_field("departure.images", "must name the sha256 of each image the guest uses")
-    given = {str(disk.get("file")): disk.get("virtual_size") for disk in departure.get("disks", [])
-             if isinstance(disk, dict)}  # fmt: skip
+    disks = departure.get("disks")
+    if not isinstance(disks, list):
+        raise invalid_field("departure.disks", "must list each disk's file and virtual_size")
+    given = {str(disk.get("file")): disk.get("virtual_size") for disk in disks if isinstance(disk, dict)}
     sizes = {disk.file: check_int(given, disk.file, 1, 1 << 56) for disk in spec.disks}
     arrival = Arrival(spec, str(state), {str(key): str(value) for key, value in images.items()}, sizes)
     if not arrival.live:

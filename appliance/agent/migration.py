@@ -65,17 +65,15 @@ DISK_FILE = re.compile(r"disk[0-9]{1,3}\.qcow2")
 # The leaving QEMU's mirror jobs and their NBD targets: mig-DRIVE.
 JOB_PREFIX = "mig-"
 POLL_SECONDS = 0.02
-# --direct: the TLS credentials' object in each QEMU, their files' most size, what an address may be.
+# --direct: the TLS credentials' object in each QEMU, their files' most size, what an address may be,
+# where the destination listens.
 TLS_OBJECT = "mig-tls"
-# Where the credentials wait in the guest's directory for QEMU to load them (repair.py removes a dead
-# agent's).
-TLS_PREFIX = ".tls-"
-
 MAX_PEM = 16 * 1024
-
 HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")
-
 LISTEN_ADDRESS = "0.0.0.0"
+# Where the credentials wait in the guest's directory for QEMU to load them (repair.py removes those of
+# a dead agent).
+TLS_PREFIX = ".tls-"
 
 
 def outgoing_socket(paths: GuestFiles, stream: str) -> Path:
