@@ -262,7 +262,8 @@ def test_a_guest_on_br0_takes_a_lease_from_the_nodes_lan_and_the_node_reaches_it
         guest_ip = wait_until(leased, 900, "the nested guest's DHCP lease on br0")
         (bridge,) = client.call("host.report")["bridges"]
         assert len(bridge["ports"]) == 2  # the NIC and the guest's tap
-        answer = node.ssh("bash", "-c", f"exec 3<>/dev/tcp/{guest_ip}/7000; head -n 1 <&3", user="breakglass")
+        # ssh hands the remote shell one line: the command is quoted as one word.
+        answer = node.ssh(f"bash -c 'exec 3<>/dev/tcp/{guest_ip}/7000; head -n 1 <&3'", user="breakglass")
         assert answer.stdout.startswith("tiny-hello"), (answer.stdout, answer.stderr)
         assert created["nics"][0]["mac"].startswith("52:")
         client.call("guest.kill", {"name": "lan"})
