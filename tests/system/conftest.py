@@ -14,9 +14,13 @@ from appliance.spec import default_spec_text
 
 def spec_text_for_tests(operator_public_key: str) -> str:
     """The default spec, but the node may claim a blank disk (test_image_uefi.py gives it
-    one), and the operator key also opens the break-glass shell (test_image.py uses it)."""
+    one), its br0 is VLAN-aware, and the operator key also opens the break-glass shell
+    (test_image.py uses both)."""
     changes = {
         "claim_blank_disk = false": "claim_blank_disk = true",
+        # Untagged traffic (the node's DHCP, guests without a VLAN) is as on the default;
+        # test_image.py checks VLANs on top.
+        'ports = ["first-wired"], vlan_aware = false': 'ports = ["first-wired"], vlan_aware = true',
         "break_glass_keys = []": f'break_glass_keys = ["{operator_public_key}"]',
     }
     text = default_spec_text()

@@ -262,7 +262,8 @@ def test_a_guest_on_br0_takes_a_lease_from_the_nodes_lan_and_the_node_reaches_it
         guest_ip = wait_until(leased, 900, "the nested guest's DHCP lease on br0")
         (bridge,) = client.call("host.report")["bridges"]
         assert len(bridge["ports"]) == 2  # the NIC and the guest's tap
-        answer = node.ssh("bash", "-c", f"exec 3<>/dev/tcp/{guest_ip}/7000; head -n 1 <&3", user="breakglass")
+        # ssh hands the remote shell one line: the command is quoted as one word.
+        answer = node.ssh(f"bash -c 'exec 3<>/dev/tcp/{guest_ip}/7000; head -n 1 <&3'", user="breakglass")
         assert answer.stdout.startswith("tiny-hello"), (answer.stdout, answer.stderr)
         assert created["nics"][0]["mac"].startswith("52:")
         client.call("guest.kill", {"name": "lan"})
@@ -270,3 +271,67 @@ def test_a_guest_on_br0_takes_a_lease_from_the_nodes_lan_and_the_node_reaches_it
         (bridge,) = client.call("host.report")["bridges"]
         assert len(bridge["ports"]) == 1
         client.call("guest.delete", {"name": "lan", "remove_disks": True})
+
+
+VLAN_SCRIPT = r"""
+set -eu
+cleanup() {
+    for end in a b c; do ip netns del "vt-$end" 2>/dev/null || true; ip link del "vt-$end" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+for spec in a:10:1 b:10:2 c:20:3; do
+    end=${spec%%:*}; rest=${spec#*:}; vlan=${rest%%:*}; host=${rest#*:}
+    ip netns add "vt-$end"
+    ip link add "vt-$end" type veth peer name eth0 netns "vt-$end"
+    ip link set "vt-$end" master br0 up
+    bridge vlan del dev "vt-$end" vid 1
+    bridge vlan add dev "vt-$end" vid "$vlan" pvid untagged
+    ip -n "vt-$end" addr add "192.168.77.$host/24" dev eth0
+    ip -n "vt-$end" link set eth0 up
+done
+ip netns exec vt-b python3 -c '
+import socket; s = socket.socket(); s.bind(("192.168.77.2", 7000)); s.listen()
+while True: c, _ = s.accept(); c.sendall(b"vlan-hello\n"); c.close()' &
+ip netns exec vt-c python3 -c '
+import socket; s = socket.socket(); s.bind(("192.168.77.3", 7000)); s.listen()
+while True: c, _ = s.accept(); c.sendall(b"vlan-hello\n"); c.close()' &
+for end in b c; do  # both listening, within 30 s
+    for _ in $(seq 300); do ip netns exec "vt-$end" ss -ltn | grep -q ':7000 ' && break; sleep 0.1; done
+done
+reach() {
+    ip netns exec vt-a python3 -c '
+import socket, sys
+try:
+    print(socket.create_connection((sys.argv[1], 7000), timeout=3).recv(64).decode().strip())
+except OSError as error:
+    print(f"unreachable: {error}")' "$1"
+}
+echo "same-vlan: $(reach 192.168.77.2)"
+echo "other-vlan: $(reach 192.168.77.3)"
+kill %1 %2
+"""
+
+
+def test_vlans_on_the_nodes_vlan_aware_bridge_keep_endpoints_apart_and_guests_get_theirs(
+    node: BootedNode, tmp_path: Path
+) -> None:
+    """Network namespaces with veths on br0 as endpoints (cheaper than guests): on one VLAN
+    they reach each other, across VLANs they do not. A guest's NIC on VLAN 10 gets it on its tap."""
+    result = node.ssh("sudo -n bash -s", user="breakglass", stdin=VLAN_SCRIPT)
+    assert result.returncode == 0, result.stderr
+    assert "same-vlan: vlan-hello" in result.stdout, result.stdout
+    assert "other-vlan: unreachable" in result.stdout, result.stdout
+    image = tmp_path / "marker-guest.img"
+    image.write_bytes(PROBE_BOOT_SECTOR.ljust(1 << 20, b"\0"))
+    address = NodeAddress("127.0.0.1", node.ssh_port, "appliance")
+    with Node(address, node.key, known_hosts=tmp_path / "known_hosts", timeout=120) as client:
+        client.push_image(image, "vlan-marker")
+        client.call("guest.create", {"name": "on-vlan", "memory_mib": 32, "disks": [{"base_image": "vlan-marker"}],
+                                     "nics": [{"bridge": "br0", "vlan": 10}]})  # fmt: skip
+        client.call("guest.start", {"name": "on-vlan"})
+        (bridge,) = client.call("host.report")["bridges"]
+        assert bridge["vlan_filtering"] is True
+        taps = [port for port in bridge["ports"] if port.startswith("vm")]
+        assert len(taps) == 1 and bridge["vlans"][taps[0]] == [10]
+        client.call("guest.kill", {"name": "on-vlan"})
+        client.call("guest.delete", {"name": "on-vlan", "remove_disks": True})
