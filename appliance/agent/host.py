@@ -152,13 +152,20 @@ def read_bridges(sys_class_net: Path = SYS_CLASS_NET) -> dict[str, Bridge]:
     return bridges
 
 
-def read_json_tool(argv: list[str]) -> Any:
-    """The JSON a tool prints (ip -j, bridge -j); None when it is missing or fails: a report never fails on it."""
-    try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-        return json.loads(result.stdout) if result.returncode == 0 and result.stdout.strip() else None
-    except (OSError, ValueError, subprocess.TimeoutExpired):
-        return None
+def read_json_tool(argv: list[str], attempts: int = 3) -> Any:
+    """The JSON a tool prints (ip -j, bridge -j); None when it is missing or fails: a report never fails on it.
+    A dump fails when an interface goes away in the middle of it (a namespace's veths are removed by the
+    kernel some time after the namespace), so a failed run is tried again."""
+    for _ in range(attempts):
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+            if result.returncode == 0 and result.stdout.strip():
+                return json.loads(result.stdout)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            pass
+    return None
 
 
 def read_bridge_vlans(bridge: str, ports: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
