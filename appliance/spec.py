@@ -27,6 +27,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from appliance.agent.lifecycle_config import MAX_CHECK_LENGTH as MAX_HEALTH_CHECK_LENGTH
+from appliance.agent.lifecycle_config import MAX_CHECKS as MAX_HEALTH_CHECKS
+from appliance.agent.lifecycle_config import MAX_HEALTH_TIMEOUT
 from appliance.agent.policy import LIMITS, Policy, read_policy
 from appliance.errors import UsageError
 
@@ -197,6 +200,21 @@ def public_keys(value: object, path: str, problems: list[Problem]) -> tuple[str,
     return tuple(good)
 
 
+def health_checks(value: object, path: str, problems: list[Problem]) -> tuple[str, ...]:
+    """Commands a trial boot must pass: one line each, run with /bin/sh on the node."""
+    if not isinstance(value, list) or len(value) > MAX_HEALTH_CHECKS:
+        problems.append(Problem(path, value, f"a list of at most {MAX_HEALTH_CHECKS} commands"))
+        return ()
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip() or "\n" in item or len(item) > MAX_HEALTH_CHECK_LENGTH:
+            problems.append(
+                Problem(
+                    f"{path}[{index}]", item, f"a command on one line, at most {MAX_HEALTH_CHECK_LENGTH} characters"
+                )
+            )
+    return tuple(value)
+
+
 # Every key of appliance.toml but [policy] (LIMITS in appliance/agent/policy.py), in the order
 # they are read: problems are reported, and known keys listed, in this order.
 SETTINGS = (
@@ -252,9 +270,16 @@ SETTINGS = (
     Setting("mirrors", "debian", "", mirror_url),
     Setting("mirrors", "security", "", mirror_url),
     Setting("storage", "claim_blank_disk", False, flag),
+    Setting("upgrade", "health_checks", (), health_checks),
+    Setting(
+        "upgrade",
+        "health_timeout",
+        180,
+        whole_number(10, MAX_HEALTH_TIMEOUT, f"a whole number of seconds from 10 to {MAX_HEALTH_TIMEOUT}"),
+    ),
 )
 # The tables below the top level, in the order they are read.
-TABLES = ("kernel", "console", "ssh", "mirrors", "policy", "storage")
+TABLES = ("kernel", "console", "ssh", "mirrors", "policy", "storage", "upgrade")
 _DEFAULTS: dict[str, Any] = {setting.path: setting.default for setting in SETTINGS}
 
 
@@ -292,6 +317,14 @@ class Storage:
 
 
 @dataclass(frozen=True)
+class Upgrade:
+    """What a trial boot of a new build must pass, and by when, before its slot becomes the default."""
+
+    health_checks: tuple[str, ...] = _DEFAULTS["upgrade.health_checks"]
+    health_timeout: int = _DEFAULTS["upgrade.health_timeout"]
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str = _DEFAULTS["name"]
     release: str = _DEFAULTS["release"]
@@ -305,6 +338,7 @@ class Spec:
     mirrors: Mirrors = field(default_factory=Mirrors)
     policy: Policy = field(default_factory=Policy)
     storage: Storage = field(default_factory=Storage)
+    upgrade: Upgrade = field(default_factory=Upgrade)
 
     def with_extra_keys(self, keys: tuple[str, ...]) -> Spec:
         """This spec with operator keys added on top of its own (duplicates dropped)."""
@@ -372,7 +406,10 @@ def _read_spec(data: dict[str, Any], problems: list[Problem]) -> Spec:
     policy, refusals = read_policy(policy_table)
     problems.extend(Problem(f"policy.{refusal.key}", refusal.value, refusal.allowed) for refusal in refusals)
     storage = Storage(**_read_subtable(data, "storage", problems))
-    return Spec(**top, **kernel, console=console, ssh=ssh, mirrors=mirrors, policy=policy, storage=storage)
+    upgrade = Upgrade(**_read_subtable(data, "upgrade", problems))
+    return Spec(
+        **top, **kernel, console=console, ssh=ssh, mirrors=mirrors, policy=policy, storage=storage, upgrade=upgrade
+    )
 
 
 def _read_subtable(data: dict[str, Any], name: str, problems: list[Problem]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ ELEMENTS = (
     "appliance-guest-net",
     "appliance-ssh",
     "appliance-data",
+    "appliance-lifecycle",
     "appliance-live",
 )
 # The Debian architecture every build is for (written into slots' build.json, checked by upgrades).
