@@ -24,6 +24,7 @@ from appliance.nodes.errors import AgentCallError
 from appliance.nodes.fleet import DEFAULT_CONCURRENCY, HostOutcome, fan_out
 from appliance.nodes.inventory import load_inventory
 from appliance.nodes.keys import ENV_KEY, ENV_PASSPHRASE, Keyring
+from appliance.nodes.upgrade import DEFAULT_WAIT_SECONDS, load_build, upgrade_fleet, upgrade_node
 from appliance.progress import Progress
 from appliance.spec import default_spec_text, load_spec
 
@@ -186,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="port on 127.0.0.1 forwarded to the node's SSH (default: the last boot's while free, else any)",
     )
     boot_cmd.add_argument(
+        "--seed",
+        type=Path,
+        metavar="FILE",
+        help="attach FILE read-only as another disk: a cidata (NoCloud) or config-2 (ConfigDrive) volume "
+        "the node takes its host name, keys and network from at boot",
+    )
+    boot_cmd.add_argument(
         "--fresh-disk",
         action="store_true",
         help="start from the image again, dropping the node's data (and empty the extra disk)",
@@ -195,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fleet_verbs(verbs)
     add_image_verbs(verbs)
     add_pxe_verbs(verbs)
+    add_lifecycle_verbs(verbs)
 
     selftest_cmd = verbs.add_parser(
         "selftest",
@@ -307,6 +316,7 @@ def add_node_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     node_verbs = node.add_subparsers(dest="node_verb", required=True, metavar="VERB")
     add_connection_options(node_verbs.add_parser("report", help="the node's host report"))
+    add_install_verbs(node_verbs)
 
     guest = verbs.add_parser(
         "guest",
@@ -414,9 +424,12 @@ def add_fleet_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) 
             "--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="nodes at once (default: %(default)s)"
         )
         add_key_options(parser, timeout=30.0)
+    add_fleet_upgrade_verb(fleet_verbs)
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
+    if args.fleet_verb == "upgrade":
+        return cmd_fleet_upgrade(args)
     entries = load_inventory(args.inventory)
     method = "host.report" if args.fleet_verb == "report" else "guest.list"
 
@@ -467,6 +480,8 @@ def agent_request(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    if args.verb == "node" and args.node_verb in ("install", "disks"):
+        return cmd_node_install(args)
     method, params = agent_request(args)
     with node_connector(args)(parse_address(args.host)) as node:
         result = node.call(method, params, idempotent=method in READ_ONLY_METHODS)
@@ -546,6 +561,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         fresh_disk=args.fresh_disk,
         extra_disk_gib=args.extra_disk,
         ssh_port=args.ssh_port,
+        seed=args.seed,
     )
     result = boot(request)
     if args.wait:
@@ -638,6 +654,160 @@ def cmd_flash(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- The node's own life: install from the ISO, upgrade, roll back (appliance.nodes.upgrade) ---
+
+
+def add_install_verbs(node_verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    install = node_verbs.add_parser(
+        "install",
+        formatter_class=HelpFormatter,
+        help="install a node booted from the ISO onto one of its disks",
+        description="Write the running build onto DISK as the disk image lays it out (BIOS and UEFI boot,\n"
+        "root slots A and B, a data partition over the rest of the disk holding the node's state, SSH\n"
+        "host key and first-boot configuration). A disk with partitions or any signature is refused\n"
+        "unless --wipe; the disk booted from, or one in use, always. Refused while guests run.",
+        epilog="example:\n  appliance node disks node1\n  appliance node install node1 --disk /dev/sda --reboot",
+    )
+    add_connection_options(install)
+    install.add_argument("--disk", required=True, metavar="DEVICE", help="the whole disk, e.g. /dev/sda")
+    install.add_argument("--wipe", action="store_true", help="erase a disk that has partitions or signatures")
+    install.add_argument("--reboot", action="store_true", help="reboot once installed (remove the ISO first)")
+    add_connection_options(node_verbs.add_parser("disks", help="the node's disks, and which an install would take"))
+
+
+def add_lifecycle_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    upgrade = verbs.add_parser(
+        "upgrade",
+        formatter_class=HelpFormatter,
+        help="send a new build into the root slot a node does not run, and try it",
+        description="Check DIR (a build of the node's spec, for its architecture, that fits its slot), send\n"
+        "its kernel, initrd and squashfs into the slot the node does not run (each file's sha256\n"
+        "checked against the manifest by the node), and arm one trial boot of it. The build the node\n"
+        "runs is a no-op; a cut-off upgrade run again sends only what is missing. Refused while\n"
+        "guests run unless --stop-guests. On the trial boot the node checks its health ([upgrade] in\n"
+        "the spec) and makes the new build the default, or goes back to the old one by itself.",
+        epilog="example:\n  appliance upgrade node1 out --reboot --wait\n  appliance rollback node1 --reboot",
+    )
+    add_connection_options(upgrade)
+    upgrade.add_argument("dir", type=Path, help="build directory (holds manifest.json)")
+    add_upgrade_options(upgrade)
+    upgrade.set_defaults(timeout=300.0)
+    rollback = verbs.add_parser(
+        "rollback",
+        formatter_class=HelpFormatter,
+        help="make the build a node ran before the default again",
+        epilog="example:\n  appliance rollback node1 --reboot",
+    )
+    add_connection_options(rollback)
+    rollback.add_argument("--reboot", action="store_true", help="reboot into it now")
+
+
+def add_upgrade_options(parser: argparse.ArgumentParser, always_reboots: bool = False) -> None:
+    parser.add_argument(
+        "--stop-guests", action="store_true", help="stop running guests (ACPI) once the slot is written"
+    )
+    if not always_reboots:
+        parser.add_argument("--reboot", action="store_true", help="reboot into the trial (else it waits for a reboot)")
+        parser.add_argument("--wait", action="store_true", help="with --reboot: wait until the node judged the trial")
+    parser.add_argument(
+        "--wait-timeout", type=float, default=DEFAULT_WAIT_SECONDS, metavar="SECONDS",
+        help="how long to wait for the verdict (default: %(default)s)",
+    )  # fmt: skip
+
+
+def add_fleet_upgrade_verb(fleet_verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = fleet_verbs.add_parser(
+        "upgrade",
+        help="upgrade nodes in waves, each rebooted and waited for; stops at the first that rolls back",
+    )
+    parser.add_argument(
+        "-i", "--inventory", type=Path, required=True, help="Ansible INI or YAML inventory, or a host list"
+    )
+    parser.add_argument("dir", type=Path, help="build directory (holds manifest.json)")
+    parser.add_argument("--max-parallel", type=int, default=1, help="nodes per wave (default: %(default)s)")
+    add_upgrade_options(parser, always_reboots=True)
+    add_key_options(parser, timeout=300.0)
+
+
+def step_printer() -> tuple[Progress, Callable[[str], None]]:
+    progress = Progress(sys.stderr, interactive=sys.stderr.isatty())
+    return progress, lambda line: progress.note(line)
+
+
+def cmd_node_install(args: argparse.Namespace) -> int:
+    with node_connector(args)(parse_address(args.host)) as node:
+        if args.node_verb == "disks":
+            result = node.call("node.disks", idempotent=True)
+        else:
+            progress, say = step_printer()
+            with progress.step(f"install {args.host} onto {args.disk}"):
+                result = node.call("node.install", {"disk": args.disk, "wipe": args.wipe},
+                                   on_progress=lambda params: say(str(params.get("text", ""))))  # fmt: skip
+            if args.reboot:
+                node.call("node.reboot")
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    elif args.node_verb == "disks":
+        print(format_table([{**disk, "in_use": "; ".join(disk["in_use"])} for disk in result]))
+    else:
+        print(f"installed {result['build_id']} on {result['disk']} in {result['seconds']:.0f}s"
+              + ("; rebooting" if args.reboot else "; remove the ISO and reboot to run from the disk"))  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    build = load_build(args.dir)
+    progress, say = step_printer()
+
+    def sent(name: str, done: int, size: int) -> None:
+        progress.detail(f"{name}: {done * 100 // max(size, 1)}% of {size / 1e6:.1f} MB")
+
+    with progress.step(f"upgrade {args.host} to {build.manifest.build_id}"):
+        outcome = upgrade_node(node_connector(args), parse_address(args.host), build, args.stop_guests, args.reboot,
+                               args.wait_timeout if args.wait else 0.0, say, sent)  # fmt: skip
+    if args.json:
+        print(json.dumps(vars(outcome), indent=2, sort_keys=True))
+    elif outcome.noop:
+        print(f"{args.host}: nothing to do: {outcome.reason}")
+    else:
+        figures = ", ".join(f"{key} {value:.1f}s" for key, value in outcome.seconds.items())
+        print(f"{args.host}: {build.manifest.build_id} in slot {outcome.slot} ({outcome.sent_bytes / 1e6:.1f} MB sent; "
+              f"{figures})")  # fmt: skip
+        if outcome.result:
+            print(f"{args.host}: {outcome.result}{': ' + outcome.reason if outcome.reason else ''}")
+        elif outcome.rebooted:
+            print(f"{args.host}: rebooting into the trial (see `appliance node report {args.host}`)")
+        else:
+            print(f"{args.host}: armed; the next reboot tries it")
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    with node_connector(args)(parse_address(args.host)) as node:
+        result = node.call("upgrade.rollback")
+        if args.reboot:
+            node.call("node.reboot")
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        when = "rebooting into it" if args.reboot else "the next boot runs it"
+        print(f"{args.host}: slot {result['default']} ({result['build_id']}) is the default again; {when}")
+    return EXIT_OK
+
+
+def cmd_fleet_upgrade(args: argparse.Namespace) -> int:
+    entries = load_inventory(args.inventory)
+    build = load_build(args.dir)
+    _, say = step_printer()
+    outcomes = upgrade_fleet(entries, node_connector(args), build, args.max_parallel, args.stop_guests,
+                             args.wait_timeout, say)  # fmt: skip
+    if args.json:
+        print(json.dumps([vars(outcome) for outcome in outcomes], indent=2, sort_keys=True))
+    else:
+        print(format_table([{"host": o.name, "status": o.status, "detail": o.detail[:80]} for o in outcomes]))
+    return EXIT_OK if all(outcome.ok for outcome in outcomes) else EXIT_FAILED
+
+
 COMMANDS = {
     "init": cmd_init,
     "check": cmd_check,
@@ -651,6 +821,8 @@ COMMANDS = {
     "image": cmd_image,
     "pxe": cmd_pxe,
     "selftest": cmd_selftest,
+    "upgrade": cmd_upgrade,
+    "rollback": cmd_rollback,
 }
 
 
