@@ -24,7 +24,14 @@ from appliance.nodes.errors import AgentCallError
 from appliance.nodes.fleet import DEFAULT_CONCURRENCY, HostOutcome, fan_out
 from appliance.nodes.inventory import load_inventory
 from appliance.nodes.keys import ENV_KEY, ENV_PASSPHRASE, Keyring
-from appliance.nodes.upgrade import DEFAULT_WAIT_SECONDS, load_build, upgrade_fleet, upgrade_node
+from appliance.nodes.upgrade import (
+    DEFAULT_WAIT_SECONDS,
+    GUEST_STOP_SECONDS,
+    UpgradeOptions,
+    load_build,
+    upgrade_fleet,
+    upgrade_node,
+)
 from appliance.progress import Progress
 from appliance.spec import default_spec_text, load_spec
 
@@ -706,6 +713,10 @@ def add_upgrade_options(parser: argparse.ArgumentParser, always_reboots: bool = 
     parser.add_argument(
         "--stop-guests", action="store_true", help="stop running guests (ACPI) once the slot is written"
     )
+    parser.add_argument(
+        "--stop-timeout", type=int, default=GUEST_STOP_SECONDS, metavar="SECONDS",
+        help="with --stop-guests: force a guest off after this long (default: %(default)s)",
+    )  # fmt: skip
     if not always_reboots:
         parser.add_argument("--reboot", action="store_true", help="reboot into the trial (else it waits for a reboot)")
         parser.add_argument("--wait", action="store_true", help="with --reboot: wait until the node judged the trial")
@@ -763,8 +774,10 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         progress.detail(f"{name}: {done * 100 // max(size, 1)}% of {size / 1e6:.1f} MB")
 
     with progress.step(f"upgrade {args.host} to {build.manifest.build_id}"):
-        outcome = upgrade_node(node_connector(args), parse_address(args.host), build, args.stop_guests, args.reboot,
-                               args.wait_timeout if args.wait else 0.0, say, sent)  # fmt: skip
+        options = UpgradeOptions(
+            args.stop_guests, args.stop_timeout, args.reboot, args.wait_timeout if args.wait else 0.0
+        )
+        outcome = upgrade_node(node_connector(args), parse_address(args.host), build, options, say, sent)
     if args.json:
         print(json.dumps(vars(outcome), indent=2, sort_keys=True))
     elif outcome.noop:
@@ -799,8 +812,8 @@ def cmd_fleet_upgrade(args: argparse.Namespace) -> int:
     entries = load_inventory(args.inventory)
     build = load_build(args.dir)
     _, say = step_printer()
-    outcomes = upgrade_fleet(entries, node_connector(args), build, args.max_parallel, args.stop_guests,
-                             args.wait_timeout, say)  # fmt: skip
+    options = UpgradeOptions(args.stop_guests, args.stop_timeout, reboot=True, wait=args.wait_timeout)
+    outcomes = upgrade_fleet(entries, node_connector(args), build, args.max_parallel, options, say)
     if args.json:
         print(json.dumps([vars(outcome) for outcome in outcomes], indent=2, sort_keys=True))
     else:

@@ -70,7 +70,8 @@ def handle(request: dict[str, Any], config: LifecycleConfig, reader: BinaryIO, s
         return install.install(config, disk, wipe, lambda text: send({"progress": text}))
     host = slots.open_host(config)
     if op == "prepare":
-        return slots.prepare(host, request.get("build"))
+        refuse = field(request, "refuse_guests", list, [])
+        return slots.prepare(host, request.get("build"), [str(name) for name in refuse])
     if op == "stage":
         file = field(request, "file", str)
         size = field(request, "size_bytes", int)

@@ -317,12 +317,14 @@ def check_build(data: object) -> dict[str, Any]:
     return data
 
 
-def prepare(host: SlotHost, requested: object) -> dict[str, Any]:
+def prepare(host: SlotHost, requested: object, refuse_guests: list[str] | None = None) -> dict[str, Any]:
     """Check the new build against this node and make the slot not running ready to receive it.
 
     Refused before anything is written: another spec name, another architecture,
-    a build larger than the slot, a trial still being judged. The build that runs
-    already is a no-op; so is the build already written and armed.
+    a build larger than the slot, a trial still being judged, and REFUSE_GUESTS
+    (the agent names the guests that run when the operator did not say to stop
+    them). The build that runs already is a no-op; so is the build already
+    written and armed.
     """
     build = check_build(requested)
     running_name = str(host.running.get("name", ""))
@@ -362,6 +364,13 @@ def prepare(host: SlotHost, requested: object) -> dict[str, Any]:
         ):
             armed = f"build {build['build_id']} is written to slot {target} and armed: reboot to try it"
             return {"noop": True, "armed": True, "slot": target, "reason": armed}
+        if refuse_guests:
+            raise AgentError(
+                ErrorCode.GUESTS_RUNNING,
+                f"an upgrade refused while guests run: {', '.join(refuse_guests)}; stop them first "
+                "(or give --stop-guests)",
+                {"guests": refuse_guests},
+            )
         if env.get(GRUBENV_TRIAL):
             host.write_env(**{GRUBENV_TRIAL: ""})
         now = time.time()

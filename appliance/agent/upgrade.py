@@ -134,9 +134,10 @@ def prepare(config: LifecycleConfig, params: dict[str, Any], guests: list[str]) 
     stop = params.get("stop_guests", False)
     if not isinstance(stop, bool):
         raise AgentError(ErrorCode.INVALID_PARAMS, "stop_guests must be true or false", {"field": "stop_guests"})
-    if not stop:
-        refuse_running_guests(guests, "an upgrade", "--stop-guests")
-    result = Helper(config.helper_socket).call("prepare", {"build": params.get("build")})
+    # The node refuses after its no-op checks and before it writes anything: the build it runs is a
+    # no-op with guests running too.
+    refused = [] if stop else guests
+    result = Helper(config.helper_socket).call("prepare", {"build": params.get("build"), "refuse_guests": refused})
     return {**result, "running_guests": guests}
 
 

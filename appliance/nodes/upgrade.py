@@ -77,6 +77,14 @@ class UpgradeBuild:
         }
 
 
+@dataclass(frozen=True)
+class UpgradeOptions:
+    stop_guests: bool = False  # stop running guests (ACPI) once the slot is written, instead of refusing
+    stop_timeout: int = GUEST_STOP_SECONDS  # then forced off after this long
+    reboot: bool = False
+    wait: float = 0.0  # after the reboot, seconds to wait for the node's verdict; 0: do not wait
+
+
 @dataclass
 class UpgradeOutcome:
     host: str
@@ -120,11 +128,13 @@ Say = Callable[[str], None]
 Sent = Callable[[str, int, int], None]
 
 
-def push(node: Node, build: UpgradeBuild, stop_guests: bool, say: Say, sent: Sent | None = None) -> UpgradeOutcome:
+def push(
+    node: Node, build: UpgradeBuild, options: UpgradeOptions, say: Say, sent: Sent | None = None
+) -> UpgradeOutcome:
     """Prepare, send what the node lacks, commit: the new build is in the other slot, armed for one trial."""
     outcome = UpgradeOutcome(node.address.host, build.manifest.build_id)
     started = time.monotonic()
-    prepared = node.call("upgrade.prepare", {"build": build.describe(), "stop_guests": stop_guests})
+    prepared = node.call("upgrade.prepare", {"build": build.describe(), "stop_guests": options.stop_guests})
     if prepared.get("noop"):
         outcome.noop, outcome.reason, outcome.slot = (
             True,
@@ -145,9 +155,9 @@ def push(node: Node, build: UpgradeBuild, stop_guests: bool, say: Say, sent: Sen
     outcome.seconds["push"] = round(time.monotonic() - started, 1)
     committed = node.call("upgrade.commit")
     outcome.seconds["write"] = float(committed.get("write_seconds", 0.0))
-    for name in prepared.get("running_guests", []) if stop_guests else []:
-        say(f"stop guest {name} (ACPI, then forced after {GUEST_STOP_SECONDS}s)")
-        node.call("guest.stop", {"name": name, "timeout": GUEST_STOP_SECONDS})
+    for name in prepared.get("running_guests", []) if options.stop_guests else []:
+        say(f"stop guest {name} (ACPI, then forced after {options.stop_timeout}s)")
+        node.call("guest.stop", {"name": name, "timeout": options.stop_timeout})
         outcome.stopped_guests.append(name)
     return outcome
 
@@ -209,21 +219,19 @@ def upgrade_node(
     connect: Callable[[NodeAddress], Node],
     address: NodeAddress,
     build: UpgradeBuild,
-    stop_guests: bool,
-    do_reboot: bool,
-    wait: float,
+    options: UpgradeOptions,
     say: Say,
     sent: Sent | None = None,
 ) -> UpgradeOutcome:
-    """One node's whole upgrade; with WAIT > 0 (after a reboot) until the trial is judged."""
+    """One node's whole upgrade; with options.wait (after a reboot) until the trial is judged."""
     with connect(address) as node:
         from_build = str(node.call("host.report", idempotent=True).get("build_id", ""))
-        outcome = push(node, build, stop_guests, say, sent)
-        if outcome.noop or not do_reboot:
+        outcome = push(node, build, options, say, sent)
+        if outcome.noop or not options.reboot:
             return outcome
         reboot(node, outcome)
-    if wait > 0:
-        last = wait_for_verdict(connect, address, outcome, from_build, wait, say)
+    if options.wait > 0:
+        last = wait_for_verdict(connect, address, outcome, from_build, options.wait, say)
         outcome.reason = str(last.get("reason", ""))
         outcome.seconds.update({key: float(value) for key, value in (last.get("seconds") or {}).items()})
         if outcome.result == "rolled_back":
@@ -245,8 +253,7 @@ def upgrade_fleet(
     connect: Callable[[NodeAddress], Node],
     build: UpgradeBuild,
     max_parallel: int,
-    stop_guests: bool,
-    wait: float,
+    options: UpgradeOptions,
     say: Say,
 ) -> list[FleetOutcome]:
     """Waves of at most MAX_PARALLEL nodes, each rebooted into the trial and waited for; the first
@@ -258,7 +265,7 @@ def upgrade_fleet(
             say(f"{entry.name}: {line}")
 
         try:
-            done = upgrade_node(connect, entry.address, build, stop_guests, True, wait, said)
+            done = upgrade_node(connect, entry.address, build, options, said)
         except RolledBackError as error:
             return FleetOutcome(entry.name, False, "rolled_back", str(error), error.code)
         except ApplianceError as error:

@@ -33,7 +33,7 @@ from appliance.manifest import (
     write_manifest,
 )
 from appliance.nodes.client import Node, NodeAddress
-from appliance.nodes.upgrade import UpgradeError, load_build, upgrade_node
+from appliance.nodes.upgrade import UpgradeError, UpgradeOptions, load_build, upgrade_node
 
 OLD = "appliance-20260101T000000Z-aaaa0000"
 NEW = "appliance-20260102T000000Z-bbbb1111"
@@ -173,12 +173,12 @@ def test_the_client_pushes_a_build_over_ssh_once(lifecycle: Node_, tmp_path: Pat
         def connect(where: NodeAddress) -> Node:
             return Node(where, key, known_hosts=tmp_path / "known_hosts", timeout=60)
 
-        outcome = upgrade_node(connect, address, build, False, False, 0.0, said.append)
+        outcome = upgrade_node(connect, address, build, UpgradeOptions(), said.append)
         assert outcome.slot == "b" and not outcome.noop and not outcome.rebooted
         assert outcome.sent_bytes == sum(path.stat().st_size for path in lifecycle.new.files.values())
         assert {"push", "write"} <= set(outcome.seconds)
         assert grubenv(lifecycle.disk, lifecycle.layout)["appliance_trial"] == "b"
-        again = upgrade_node(connect, address, build, False, False, 0.0, said.append)
+        again = upgrade_node(connect, address, build, UpgradeOptions(), said.append)
         assert again.noop and again.sent_bytes == 0
     finally:
         sshd.stop()

@@ -308,3 +308,17 @@ def test_the_slot_written_is_a_file_system_e2fsck_finds_clean(disk: Disk) -> Non
     slot = disk.layout.partition("appliance-b")
     done = subprocess.run(["e2fsck", "-fn", f"{disk.path}?offset={slot.start}"], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_spec_upgrade_section_reaches_the_node_as_written(tmp_path: Path) -> None:
+    from appliance.build.render import BuildIdentity, render_image_files
+    from appliance.spec import parse_spec
+
+    checks = ["ip link show br0", 'test "$(cat /sys/x)" = \\\\ok']
+    spec = parse_spec(
+        f"size_budget_mb = 300\n[upgrade]\nhealth_checks = {json.dumps(checks)}\nhealth_timeout = 45\n", "t"
+    )
+    identity = BuildIdentity("b1", "2026-01-01T00:00:00+00:00", "ab" * 32, "0.1.0")
+    (rendered,) = [path for path in render_image_files(spec, identity, tmp_path) if path.name == "lifecycle.toml"]
+    config = load_lifecycle_config(rendered)
+    assert config.health_checks == tuple(checks) and config.health_timeout == 45 and config.size_budget_mb == 300
