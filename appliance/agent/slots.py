@@ -27,6 +27,7 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -379,6 +380,7 @@ def prepare(host: SlotHost, requested: object, refuse_guests: list[str] | None =
         record.last = Outcome(build["build_id"], target, host.running_id, RESULT_WRITING, "", now)
         host.save(record)
         verified = keep_staged(host, build)
+        verified |= reuse_running(host, build, verified)
     send = [file for file in LIVE_FILES if verified.get(file) != build["files"][file]["sha256"]]
     return {"noop": False, "slot": target, "send": send, "staged": sorted(set(LIVE_FILES) - set(send))}
 
@@ -393,6 +395,47 @@ def keep_staged(host: SlotHost, build: dict[str, Any]) -> dict[str, str]:
     write_json(staging / PLAN_FILE, build, mode=0o600)
     verified = read_json(staging / VERIFIED_FILE)
     return verified if isinstance(verified, dict) else {}
+
+
+def slot_path(host: SlotHost, letter: str) -> str:
+    """A slot's file system as e2fsprogs' tools name it: its device, or a disk file with the offset."""
+    area = host.disk.area(host.disk.slot(letter))
+    return f"{area.path}?offset={area.offset}" if area.offset else str(area.path)
+
+
+def reuse_running(host: SlotHost, build: dict[str, Any], verified: dict[str, str]) -> dict[str, str]:
+    """Files of BUILD that the running slot holds already (the kernel, from one build to the next of a
+    release): copied from it with debugfs and checked, instead of sent again. Best effort."""
+    debugfs = find_program("debugfs", "e2fsprogs")
+    source = slot_path(host, host.disk.booted)
+    done = subprocess.run([debugfs, "-R", f"cat /{LIVE_DIR}/{BUILD_INFO_FILE}", source],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    try:
+        running = json.loads(done.stdout)["files"]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    reused: dict[str, str] = {}
+    for file in LIVE_FILES:
+        wanted = build["files"][file]["sha256"]
+        if verified.get(file) == wanted or (running.get(file) or {}).get("sha256") != wanted:
+            continue
+        target = host.staging / "tree" / LIVE_DIR / file
+        subprocess.run([debugfs, "-R", f"dump /{LIVE_DIR}/{file} {target}", source], capture_output=True, check=False)
+        if target.is_file() and sha256_file(target) == wanted:
+            reused[file] = wanted
+        else:
+            target.unlink(missing_ok=True)
+    if reused:
+        write_json(host.staging / VERIFIED_FILE, {**verified, **reused}, mode=0o600)
+    return reused
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def staged_plan(host: SlotHost) -> dict[str, Any]:

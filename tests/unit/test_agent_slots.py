@@ -322,3 +322,12 @@ def test_the_spec_upgrade_section_reaches_the_node_as_written(tmp_path: Path) ->
     (rendered,) = [path for path in render_image_files(spec, identity, tmp_path) if path.name == "lifecycle.toml"]
     config = load_lifecycle_config(rendered)
     assert config.health_checks == tuple(checks) and config.health_timeout == 45 and config.size_budget_mb == 300
+
+
+def test_a_file_the_running_slot_holds_already_is_taken_from_it_not_sent(disk: Disk) -> None:
+    # One build to the next of a release: the same kernel.
+    disk.new.files["vmlinuz"].write_bytes(disk.old.files["vmlinuz"].read_bytes())
+    prepared = slots.prepare(disk.host(), disk.new.describe())
+    assert prepared["send"] == ["initrd.img", "filesystem.squashfs"] and prepared["staged"] == ["vmlinuz"]
+    assert disk.upgrade()["armed"] is True
+    assert slot_file(disk.path, disk.layout, "appliance-b", "vmlinuz") == disk.old.files["vmlinuz"].read_bytes()
