@@ -383,14 +383,16 @@ def install(config: LifecycleConfig, disk: str, wipe: bool, progress: Progress) 
             if done.returncode != 0:
                 raise AgentError(ErrorCode.TOOL_FAILED, f"sfdisk failed on {disk}: {done.stderr.strip()[-300:]}")
             wait_for_partitions(name, len(layout.partitions))
-            progress("write the boot loader (BIOS and UEFI) and the ESP")
-            write_boot_loader(disk, layout, source.root / DISK_BOOT_DIR, source.info["build_id"], work)
+            # The boot loader last: a disk cut off before it has no boot code and no EFI binary, so the
+            # firmware goes on to the next boot device (the ISO) instead of a half-written disk.
             progress(f"write slot A ({content / 1e6:.0f} MB, each file's sha256 checked)")
             write_slot(partition_device(disk, layout.partition(SLOT_LABELS[0]).number), source, work)
             progress("format slot B")
             mkfs_ext4(partition_device(disk, layout.partition(SLOT_LABELS[1]).number), SLOT_LABELS[1], "largefile")
             progress("write the data partition: the agent's state, the SSH host key, the first-boot configuration")
             write_data(partition_device(disk, layout.partition(DATA_LABEL).number), config, running, work)
+            progress("write the boot loader (BIOS and UEFI) and the ESP")
+            write_boot_loader(disk, layout, source.root / DISK_BOOT_DIR, source.info["build_id"], work)
     progress(f"installed on {disk} in {time.monotonic() - started:.0f}s")
     return {
         "disk": disk,

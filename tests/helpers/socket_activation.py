@@ -24,11 +24,15 @@ def socket_activated(path: Path, argv: Sequence[str], env: dict[str, str] | None
     stop = threading.Event()
 
     def serve() -> None:
+        # Polled, and the listener closed only after this thread ended: a thread still in accept() when
+        # its listener is closed could take the next test's listener, given the same descriptor number.
+        listener.settimeout(0.1)
         while not stop.is_set():
             try:
                 connection, _ = listener.accept()
-            except OSError:
-                return
+            except TimeoutError:
+                continue
+            connection.settimeout(None)
             with connection:
                 process = subprocess.Popen(
                     list(argv), stdin=connection.fileno(), env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL
@@ -42,6 +46,7 @@ def socket_activated(path: Path, argv: Sequence[str], env: dict[str, str] | None
         yield codes
     finally:
         stop.set()
+        thread.join()
         listener.close()
         for process in running:
             if process.poll() is None:

@@ -206,3 +206,30 @@ def test_a_build_directory_whose_files_do_not_match_its_manifest_is_refused_befo
         load_build(out)
     with pytest.raises(NoBuildError):
         load_build(tmp_path)
+
+
+def test_a_connection_cut_mid_file_leaves_the_running_slot_and_a_rerun_sends_the_rest(
+    lifecycle: Node_, start_agent: StartAgent
+) -> None:
+    first = start_agent(env=lifecycle.env)
+    first.result("upgrade.prepare", {"build": lifecycle.new.describe()})
+    assert "result" in send(first, lifecycle.new, "vmlinuz")
+    squashfs = lifecycle.new.files["filesystem.squashfs"].read_bytes()
+    params = {
+        "file": "filesystem.squashfs",
+        "size_bytes": len(squashfs),
+        "sha256": hashlib.sha256(squashfs).hexdigest(),
+    }
+    line = json.dumps({"jsonrpc": "2.0", "id": 9, "method": "upgrade.send", "params": params}).encode()
+    assert first.process.stdin is not None
+    first.process.stdin.write(line + b"\n" + squashfs[: len(squashfs) // 2])
+    assert first.close() == 0  # the operator's connection is gone half way through the file
+    assert grubenv(lifecycle.disk, lifecycle.layout) == {"appliance_slot": "a", "appliance_trial": ""}
+    second = start_agent(env=lifecycle.env)
+    assert second.result("host.report")["slots"]["slots"]["b"]["state"] == "writing"
+    again = second.result("upgrade.prepare", {"build": lifecycle.new.describe()})
+    assert again["send"] == ["initrd.img", "filesystem.squashfs"] and again["staged"] == ["vmlinuz"]
+    for name in again["send"]:
+        assert "result" in send(second, lifecycle.new, name)
+    assert second.result("upgrade.commit")["armed"] is True
+    assert slot_file(lifecycle.disk, lifecycle.layout, "appliance-b", "filesystem.squashfs") == squashfs
