@@ -146,7 +146,7 @@ def signatures(device: str) -> str:
     return found.get("PTTYPE") or found.get("TYPE") or "a signature"
 
 
-def list_disks(source_device: str = "") -> list[dict[str, Any]]:
+def list_disks() -> list[dict[str, Any]]:
     """The node's whole disks, and for each whether `node install` would take it and why not."""
     disks = []
     for entry in sorted(SYS_CLASS_BLOCK.iterdir()):
@@ -158,8 +158,6 @@ def list_disks(source_device: str = "") -> list[dict[str, Any]]:
         reasons = in_use(name)
         if sys_value(name, "ro") == "1":
             reasons.append("read-only")
-        if source_device and parent_disk(source_device) == name:
-            reasons.append("holds the medium the node booted from")
         parts = partitions_of(name)
         found = signatures(device) if not parts and not reasons else ""
         disks.append(
