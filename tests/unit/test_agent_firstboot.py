@@ -251,3 +251,26 @@ def test_the_yaml_subset_reads_as_pyyaml_does(text: str) -> None:
 def test_what_the_yaml_subset_does_not_read_is_refused_with_its_line(text: str) -> None:
     with pytest.raises(YamlError, match="line"):
         yamlish.loads(text)
+
+
+def test_a_nocloud_url_is_fetched_over_http(tmp_path: Path, public_key: str) -> None:
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "served" / "seed"
+    served.mkdir(parents=True)
+    (served / "meta-data").write_text("instance-id: i-url\nlocal-hostname: from-url\n")
+    (served / "user-data").write_text(f"#cloud-config\nssh_authorized_keys: [{public_key}]\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "served"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url, hostname = firstboot.nocloud_url(f"quiet ds=nocloud;s=http://127.0.0.1:{server.server_port}/seed")  # type: ignore[misc]
+        firstboot.seed_from_url(url, hostname, tmp_path / "seed", wait=5)
+    finally:
+        server.shutdown()
+    taken = firstboot.read_seed(tmp_path / "seed", "appliance")
+    # network-config and vendor-data are not served (404): optional, as in cloud-init.
+    assert taken.hostname == "from-url" and len(taken.keys) == 1 and taken.network is None
+    assert taken.source.startswith("NoCloud seed at http://127.0.0.1:")
