@@ -61,8 +61,8 @@ bench: deps
 # we have none, so that check covers every file of elements/. It names each file it checks;
 # only its errors are shown.
 lint: deps
-	$(BIN)/ruff check appliance tests bench
-	$(BIN)/ruff format --check appliance tests bench
+	$(BIN)/ruff check appliance tests bench ansible
+	$(BIN)/ruff format --check appliance tests bench ansible
 	$(BIN)/mypy
 	@echo "dib-lint elements"
 	@out=$$(PATH="$(abspath $(BIN)):$$PATH" ELEMENTS_DIR=elements LIB_DIR=elements $(BIN)/dib-lint 2>&1) \

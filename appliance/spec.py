@@ -32,6 +32,15 @@ from appliance.agent.lifecycle_config import MAX_CHECKS as MAX_HEALTH_CHECKS
 from appliance.agent.lifecycle_config import MAX_HEALTH_TIMEOUT
 from appliance.agent.policy import LIMITS, Policy, read_policy
 from appliance.errors import UsageError
+from appliance.network import (
+    Management,
+    Network,
+    ProblemSink,
+    check_network,
+    parse_bonds,
+    parse_bridges,
+    parse_management,
+)
 
 RELEASES = ("trixie", "bookworm", "forky")
 DEFAULT_RELEASE = "trixie"
@@ -200,6 +209,15 @@ def public_keys(value: object, path: str, problems: list[Problem]) -> tuple[str,
     return tuple(good)
 
 
+def network_parser(parse: Callable[[object, str, ProblemSink], Any]) -> Parser:
+    """One of appliance.network's parsers, reporting into this spec's problems."""
+
+    def adapted(value: object, path: str, problems: list[Problem]) -> Any:
+        return parse(value, path, lambda key, found, allowed: problems.append(Problem(key, found, allowed)))
+
+    return adapted
+
+
 def health_checks(value: object, path: str, problems: list[Problem]) -> tuple[str, ...]:
     """Commands a trial boot must pass: one line each, run with /bin/sh on the node."""
     if not isinstance(value, list) or len(value) > MAX_HEALTH_CHECKS:
@@ -270,6 +288,9 @@ SETTINGS = (
     Setting("mirrors", "debian", "", mirror_url),
     Setting("mirrors", "security", "", mirror_url),
     Setting("storage", "claim_blank_disk", False, flag),
+    Setting("network", "bridges", Network().bridges, network_parser(parse_bridges)),
+    Setting("network", "bonds", (), network_parser(parse_bonds)),
+    Setting("network", "management", Management(), network_parser(parse_management)),
     Setting("upgrade", "health_checks", (), health_checks),
     Setting(
         "upgrade",
@@ -279,7 +300,7 @@ SETTINGS = (
     ),
 )
 # The tables below the top level, in the order they are read.
-TABLES = ("kernel", "console", "ssh", "mirrors", "policy", "storage", "upgrade")
+TABLES = ("kernel", "console", "ssh", "mirrors", "policy", "storage", "network", "upgrade")
 _DEFAULTS: dict[str, Any] = {setting.path: setting.default for setting in SETTINGS}
 
 
@@ -338,6 +359,7 @@ class Spec:
     mirrors: Mirrors = field(default_factory=Mirrors)
     policy: Policy = field(default_factory=Policy)
     storage: Storage = field(default_factory=Storage)
+    network: Network = field(default_factory=Network)
     upgrade: Upgrade = field(default_factory=Upgrade)
 
     def with_extra_keys(self, keys: tuple[str, ...]) -> Spec:
@@ -406,9 +428,19 @@ def _read_spec(data: dict[str, Any], problems: list[Problem]) -> Spec:
     policy, refusals = read_policy(policy_table)
     problems.extend(Problem(f"policy.{refusal.key}", refusal.value, refusal.allowed) for refusal in refusals)
     storage = Storage(**_read_subtable(data, "storage", problems))
+    network = Network(**_read_subtable(data, "network", problems))
+    check_network(network, lambda key, value, allowed: problems.append(Problem(key, value, allowed)))
     upgrade = Upgrade(**_read_subtable(data, "upgrade", problems))
     return Spec(
-        **top, **kernel, console=console, ssh=ssh, mirrors=mirrors, policy=policy, storage=storage, upgrade=upgrade
+        **top,
+        **kernel,
+        console=console,
+        ssh=ssh,
+        mirrors=mirrors,
+        policy=policy,
+        storage=storage,
+        network=network,
+        upgrade=upgrade,
     )
 
 

@@ -26,10 +26,13 @@ REPO = BENCH_DIR.parent
 sys.path.insert(1, str(REPO / "tests"))
 
 from boots import TITLE_BOOT, TITLE_MEMORY, measure_boots  # noqa: E402
+from bridged_start import TITLE as BRIDGED_TITLE  # noqa: E402
+from bridged_start import measure_bridged_start  # noqa: E402
 from builds import TITLE_BUILDS, TITLE_SIZES, measure_builds, measure_sizes  # noqa: E402
 from figures import Section  # noqa: E402
 from guest_start import TITLE as GUESTS_TITLE  # noqa: E402
 from guest_start import measure_guest_starts  # noqa: E402
+from helpers.tiny_guest import build_tiny_guest  # noqa: E402
 from load import TITLE as LOAD_TITLE  # noqa: E402
 from load import measure_load  # noqa: E402
 from loopback import measure_fleet, measure_loopback  # noqa: E402
@@ -39,7 +42,7 @@ from round_trips import RoundTrips  # noqa: E402
 from appliance.agent.accel import AccelChoice  # noqa: E402
 from appliance.progress import Progress  # noqa: E402
 
-SECTIONS = ("sizes", "builds", "boot", "roundtrip", "guests", "libvirt", "fleet", "load")
+SECTIONS = ("sizes", "builds", "boot", "roundtrip", "guests", "libvirt", "bridged", "fleet", "load")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -140,6 +143,12 @@ def boot_sections(
     return [boot, memory], [trips]
 
 
+def bridged_section(work: Path, progress: Progress, runs: int) -> Section:
+    with progress.step("build the tiny guest (Debian cloud kernel + busybox initramfs)"):
+        guest = build_tiny_guest(work / "tiny-guest")
+    return measure_bridged_start(work, progress, guest, runs)
+
+
 def run_sections(
     args: argparse.Namespace, work: Path, progress: Progress, accel: AccelChoice, sections: list[Section]
 ) -> None:
@@ -161,6 +170,10 @@ def run_sections(
                 lambda: measure_guest_starts(work, progress, args.guest_runs, with_libvirt),
             )
         )
+    if "bridged" in args.skip:
+        sections.append(skipped("bridged", BRIDGED_TITLE, "--skip bridged"))
+    else:
+        sections.append(guarded("bridged", BRIDGED_TITLE, lambda: bridged_section(work, progress, args.guest_runs)))
     title = "7. fleet report: host.report from N nodes (sshd endpoints on loopback)"
     if "fleet" in args.skip:
         sections.append(skipped("fleet", title, "--skip fleet"))

@@ -95,10 +95,21 @@ def emulated_by_qemu(detect_virt: str = DETECT_VIRT) -> bool:
     return result.stdout.strip() == "qemu"
 
 
-def probe_accel(qemu: str = QEMU, kvm_device: Path = Path("/dev/kvm"), detect_virt: str = DETECT_VIRT) -> AccelChoice:
-    """KVM if a probe guest prints its marker under it within a few seconds, else TCG."""
+KVM_DEVICE = Path("/dev/kvm")
+
+
+def kvm_unreachable(kvm_device: Path = KVM_DEVICE) -> AccelChoice | None:
+    """TCG, and why, when /dev/kvm cannot be opened at all (checked afresh: it costs nothing)."""
     if not os.access(kvm_device, os.R_OK | os.W_OK):
         return AccelChoice("tcg", f"{kvm_device} is missing or not accessible")
+    return None
+
+
+def probe_accel(qemu: str = QEMU, kvm_device: Path = KVM_DEVICE, detect_virt: str = DETECT_VIRT) -> AccelChoice:
+    """KVM if a probe guest prints its marker under it within a few seconds, else TCG."""
+    unreachable = kvm_unreachable(kvm_device)
+    if unreachable:
+        return unreachable
     if emulated_by_qemu(detect_virt):
         return AccelChoice("tcg", "this machine is itself emulated by QEMU (TCG): its KVM would be emulated too")
     probe = run_probe_guest("kvm", "host", PROBE_SECONDS, qemu)
@@ -107,7 +118,7 @@ def probe_accel(qemu: str = QEMU, kvm_device: Path = Path("/dev/kvm"), detect_vi
     return AccelChoice("tcg", f"KVM cannot run guests here ({probe.detail})")
 
 
-def node_accel(setting: str, cache: Path, boot_id_path: Path = BOOT_ID) -> AccelChoice:
+def node_accel(setting: str, cache: Path, boot_id_path: Path = BOOT_ID, kvm_device: Path = KVM_DEVICE) -> AccelChoice:
     """The agent's accelerator: as configured, or ("auto") probed once per boot.
 
     Every SSH connection runs its own agent, so the probe's answer is kept in
@@ -115,6 +126,11 @@ def node_accel(setting: str, cache: Path, boot_id_path: Path = BOOT_ID) -> Accel
     """
     if setting in ("kvm", "tcg"):
         return AccelChoice(setting, "set in the agent config")
+    # Not kept: early in a boot /dev/kvm may not be there yet, or not yet the kvm group's
+    # (the module loading, udev not done); a later connection must look again.
+    unreachable = kvm_unreachable(kvm_device)
+    if unreachable:
+        return unreachable
     boot_id = boot_id_path.read_text().strip()
     try:
         cached = json.loads(cache.read_text())

@@ -26,6 +26,9 @@ class ErrorCode(StrEnum):
     GUEST_NOT_RUNNING = "guest_not_running"
     GUEST_BUSY = "guest_busy"
     KEPT_NOT_FOUND = "kept_not_found"
+    # Consoles: a second interactive attach, a display asked of a guest that has none.
+    CONSOLE_BUSY = "console_busy"
+    NO_DISPLAY = "no_display"
     # The image store.
     IMAGE_EXISTS = "image_exists"
     IMAGE_NOT_FOUND = "image_not_found"

@@ -53,6 +53,12 @@ CONFIG_DRIVE_FILES = (
 LABELS = {"cidata": "nocloud", "CIDATA": "nocloud", "config-2": "configdrive", "CONFIG-2": "configdrive"}
 SOURCE_FILE = "source.json"
 NETWORK_DIR = Path("/run/systemd/network")
+# The spec's network units (appliance-network's), set aside when the provisioner gives the network,
+# and the marker that keeps appliance-network.service from applying them or falling back to DHCP.
+SPEC_UNITS = Path("/etc/systemd/network")
+SPEC_UNITS_ASIDE = Path("/run/appliance/network-replaced")
+NETWORK_PROVISIONED = Path("/run/appliance/network-provisioned")
+NETWORK_STATUS = Path("/run/appliance/network")
 AUTHORIZED_KEYS = Path("/etc/ssh/authorized_keys/agent-user")
 # As templates/image/appliance-ssh/etc/ssh/authorized_keys/agent-user.j2 installs the image's keys.
 KEY_OPTIONS = 'restrict,command="/usr/bin/appliance-agent serve"'
@@ -387,16 +393,43 @@ def apply(taken: Taken, config: LifecycleConfig, persistent: bool, late: bool, r
         at(HOST_KEY).with_name(HOST_KEY.name + ".pub").write_text(public)
         done.append("the SSH host key")
     if taken.network and taken.network.interfaces:
+        made = set_spec_network_aside(at)
         network_dir = at(NETWORK_DIR)
         network_dir.mkdir(parents=True, exist_ok=True)
         for old in network_dir.glob(f"{netconfig.PREFIX}*"):
             old.unlink()
         for file, text in netconfig.render(taken.network).items():
             (network_dir / file).write_text(text)
+        at(NETWORK_PROVISIONED).parent.mkdir(parents=True, exist_ok=True)
+        at(NETWORK_PROVISIONED).write_text("")
+        at(NETWORK_STATUS).write_text("provisioned\n")
         if late and root == Path("/"):
+            # Up already with the spec's network: its bridges and bonds go, their ports are reconfigured.
+            for link in made:
+                subprocess.run(["ip", "link", "delete", link], check=False, capture_output=True)
             subprocess.run(["networkctl", "reload"], check=False, capture_output=True)
-        done.append("network: " + "; ".join(netconfig.describe(taken.network)))
+            subprocess.run(["networkctl", "reconfigure", *wired_links()], check=False, capture_output=True)
+        done.append("network (in place of the spec's): " + "; ".join(netconfig.describe(taken.network)))
     return done
+
+
+def set_spec_network_aside(at: Callable[[Path], Path]) -> list[str]:
+    """The spec's network units moved aside: the provisioner's network replaces them, as cloud-init's
+    network-config replaces an image's. Returns the links their .netdev files make."""
+    aside = at(SPEC_UNITS_ASIDE)
+    aside.mkdir(parents=True, exist_ok=True)
+    links = []
+    for unit in sorted(at(SPEC_UNITS).glob("*appliance-*")):
+        if unit.suffix == ".netdev":
+            links += [line.split("=", 1)[1].strip() for line in text_of(unit).splitlines() if line.startswith("Name=")]
+        shutil.move(str(unit), aside / unit.name)
+    return links
+
+
+def wired_links() -> list[str]:
+    return sorted(
+        link.name for link in Path("/sys/class/net").iterdir() if (link / "device").exists() and link.name != "lo"
+    )
 
 
 def gather(config: LifecycleConfig, late: bool) -> str:

@@ -22,13 +22,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from appliance.agent import nics, seed
+from appliance.agent import media, nics, seed
 from appliance.agent.accel import AccelChoice
 from appliance.agent.crashpoints import crash_point
 from appliance.agent.errors import AgentError, ErrorCode, guest_exists, guest_not_running, image_not_found
 from appliance.agent.host import read_bridges, read_meminfo
 from appliance.agent.locks import LockTimeout, held
-from appliance.agent.model import CPU_FIELDS, GuestSpec, check_name, parse_cpu_limits, updated_spec
+from appliance.agent.model import CPU_FIELDS, BootDevice, Disk, GuestSpec, check_name, parse_cpu_limits, updated_spec
 from appliance.agent.policy import Capacity, Policy, check_create, check_disks, check_start
 from appliance.agent.qemu import base_argv, qmp_session, request_powerdown, running_pid, wait_gone
 from appliance.agent.qmp import QMPClient, QMPError
@@ -104,7 +104,8 @@ def disks_bytes(host: Hypervisor, spec: GuestSpec, sizes: dict[str, int]) -> int
                     sizes[disk.base_image] = int(image_info(host.image(disk.base_image))["virtual-size"])
                 except AgentError:
                     sizes[disk.base_image] = 0  # an image gone missing: create says so on its own
-            total += sizes[disk.base_image]
+            # A disk over an image that was grown is as large as it was grown to.
+            total += max(sizes[disk.base_image], disk.size_gib << 30)
         else:
             total += disk.size_gib << 30
     return total
@@ -140,6 +141,7 @@ def work_dir(host: Hypervisor, prefix: str, name: str) -> Path:
 def create_guest(host: Hypervisor, store: Store, spec: GuestSpec) -> dict[str, Any]:
     """Disks in a private directory, then the row, then the directory under the guest's name."""
     spec = nics.assign_nics(spec, store.guests(), host.network)
+    media.check_cdrom(store, host.images_dir, spec)
     capacity = host.capacity()
     defined = store.guests()
     check_create(host.policy, capacity, defined, spec)
@@ -167,33 +169,53 @@ def create_guest(host: Hypervisor, store: Store, spec: GuestSpec) -> dict[str, A
 
 
 def make_disks(host: Hypervisor, spec: GuestSpec, files: GuestFiles) -> None:
-    for index, disk in enumerate(spec.disks):
-        if disk.base_image:
-            base = host.image(disk.base_image)
-            run_tool([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", image_format(base),
-                      "-b", str(base), str(files.disk(index))])  # fmt: skip
-        else:
-            run_tool([QEMU_IMG, "create", "-q", "-f", "qcow2", str(files.disk(index)), f"{disk.size_gib}G"])
+    for disk in spec.disks:
+        make_disk(host, disk, files.disk(disk))
     if spec.kernel_boot:
         host.image(spec.kernel_boot.kernel_image)
         if spec.kernel_boot.initrd_image:
             host.image(spec.kernel_boot.initrd_image)
 
 
+def make_disk(host: Hypervisor, disk: Disk, path: Path) -> None:
+    """A disk's file: a qcow2 over its base image (grown to size_gib if it was), or blank."""
+    if disk.base_image:
+        base = host.image(disk.base_image)
+        run_tool([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", image_format(base), "-b", str(base), str(path),
+                  *([f"{disk.size_gib}G"] if disk.size_gib else [])])  # fmt: skip
+    else:
+        run_tool([QEMU_IMG, "create", "-q", "-f", "qcow2", str(path), f"{disk.size_gib}G"])
+
+
+def drive_id(disk: Disk) -> str:
+    """QEMU's name for a disk's drive: its file's, which stays the same while it is attached."""
+    return Path(disk.file).stem
+
+
 def qemu_argv(host: Hypervisor, spec: GuestSpec, paths: GuestFiles) -> list[str]:
     argv = [
-        *base_argv(f"guest={spec.name}", host.accel, spec.memory_mib, spec.vcpus, paths),
+        *base_argv(f"guest={spec.name}", host.accel, spec.memory_mib, spec.vcpus, paths, paths.serial_socket),
         "-no-user-config", "-sandbox", "on", "-daemonize",
         "-device", "virtio-balloon-pci,id=balloon0",
     ]  # fmt: skip
-    for index, _ in enumerate(spec.disks):
-        argv += ["-drive", f"file={paths.disk(index)},if=virtio,format=qcow2"]
+    boot = media.boot_indexes(spec)
+    for number, disk in enumerate(spec.disks):
+        # Named by its file, so QMP (block_resize) finds the same disk whatever its place in the list.
+        drive, index = drive_id(disk), media.bootindex(boot, BootDevice.DISK, number)
+        argv += ["-drive", f"file={paths.disk(disk)},if=none,id={drive},format=qcow2",
+                 "-device", f"virtio-blk-pci,drive={drive}{index}"]  # fmt: skip
     if spec.cloud_init:
         # The NoCloud seed (made by create, or start, when missing), after the disks: they keep their names.
         cidata = seed.seed_path(paths.directory, spec.name, spec.cloud_init)
         argv += ["-drive", f"file={cidata},if=virtio,format=raw,readonly=on"]
-    nic_args, plan = nics.nic_argv(spec, paths.directory, host.network)
+    if spec.cdrom:
+        argv += media.cdrom_argv(host.image(spec.cdrom), boot)
+    nic_args, plan = nics.nic_argv(spec, paths.directory, host.network, boot.get(BootDevice.NETWORK))
     argv += nic_args
+    argv += media.boot_argv(spec)
+    if spec.display:
+        argv += media.display_argv(paths.vnc_socket)
+    argv += media.hotplug_ports_argv()
     if spec.kernel_boot:
         argv += ["-kernel", str(host.image(spec.kernel_boot.kernel_image))]
         if spec.kernel_boot.initrd_image:
@@ -219,8 +241,8 @@ def start_locked(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
     nics.check_nics_on_node(spec, host.network, read_bridges())
     if spec.cloud_init:
         seed.ensure_seed(paths.directory, spec.name, spec.cloud_init)
-    paths.qmp_socket.unlink(missing_ok=True)
-    paths.console_log.unlink(missing_ok=True)
+    for stale in (paths.qmp_socket, paths.serial_socket, paths.vnc_socket, paths.console_log):
+        stale.unlink(missing_ok=True)
     started = time.monotonic()
     host.supervisor.start(spec, qemu_argv(host, spec, paths), paths)
     return {"name": name, "pid": running_pid(paths), "seconds": round(time.monotonic() - started, 3)}
@@ -264,11 +286,8 @@ def reboot_guest(host: Hypervisor, store: Store, name: str, mode: str, timeout: 
     """ "reset": the reset button (QMP system_reset), at once. "acpi": as `virsh reboot` does
     without a guest agent: an ACPI power-down (forced after `timeout`), then a start."""
     store.guest(name)
-    paths = host.paths(name)
     with operation(host, name):
-        pid = running_pid(paths)
-        if pid is None:
-            raise guest_not_running(name)
+        paths, pid = running_guest(host, name)
         if mode == "reset":
             with qmp(host, name) as client:
                 client.execute("system_reset")
@@ -284,6 +303,7 @@ def update_guest(host: Hypervisor, store: Store, name: str, changes: dict[str, A
         spec = store.guest(name)
         others = [other for other in store.guests() if other.name != name]
         updated = nics.assign_nics(updated_spec(spec, changes), others, host.network)
+        media.check_cdrom(store, host.images_dir, updated)
         check_create(host.policy, host.capacity(), others, updated)
         running = running_pid(host.paths(name)) is not None
         if running and (updated.cpu_weight, updated.cpu_quota_percent) != (spec.cpu_weight, spec.cpu_quota_percent):
@@ -301,12 +321,18 @@ def update_guest(host: Hypervisor, store: Store, name: str, changes: dict[str, A
 def stop_guest(host: Hypervisor, store: Store, name: str, timeout: float) -> dict[str, Any]:
     """ACPI power-down, then force after `timeout` seconds."""
     store.guest(name)
-    paths = host.paths(name)
     with operation(host, name):
-        pid = running_pid(paths)
-        if pid is None:
-            raise guest_not_running(name)
+        paths, pid = running_guest(host, name)
         return {"name": name, "forced": host.supervisor.stop(name, paths, pid, timeout)}
+
+
+def running_guest(host: Hypervisor, name: str) -> tuple[GuestFiles, int]:
+    """The guest's files and its QEMU's pid; guest_not_running when it has none."""
+    paths = host.paths(name)
+    pid = running_pid(paths)
+    if pid is None:
+        raise guest_not_running(name)
+    return paths, pid
 
 
 def powerdown_guest(host: Hypervisor, name: str) -> str:
@@ -365,10 +391,8 @@ def set_memory(host: Hypervisor, store: Store, name: str, memory_mib: int) -> di
 def kill_guest(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
     store.guest(name)
     with operation(host, name):
-        pid = running_pid(host.paths(name))
-        if pid is None:
-            raise guest_not_running(name)
-        host.supervisor.force_off(name, host.paths(name), pid)
+        paths, pid = running_guest(host, name)
+        host.supervisor.force_off(name, paths, pid)
     return {"name": name, "killed": True}
 
 
@@ -401,7 +425,7 @@ def guest_info(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
     paths = host.paths(name)
     info: dict[str, Any] = {"name": name, "state": state, "pid": pid, "definition": spec.to_json(),
                             "console_log": str(paths.console_log),
-                            "disks": [str(paths.disk(index)) for index in range(len(spec.disks))]}  # fmt: skip
+                            "disks": [str(paths.disk(disk)) for disk in spec.disks]}  # fmt: skip
     if pid is not None:
         ticks = os.sysconf("SC_CLK_TCK")
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -6,8 +6,10 @@ import fcntl
 import json
 import os
 import socket
-from dataclasses import asdict, dataclass
+import subprocess
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 KVM_GET_API_VERSION = 0xAE00
 KVM_API_VERSION = 12
@@ -28,6 +30,8 @@ class Bridge:
     vlan_filtering: bool
     ports: tuple[str, ...]
     mtu: int
+    # On a VLAN-aware bridge: the VLANs each port (and the bridge itself) carries.
+    vlans: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,10 @@ class HostReport:
     agent_rss_bytes: int
     # Bridges guest NICs may name (those the tap helper allows are in the agent config).
     bridges: tuple[Bridge, ...] = ()
+    # Every interface's global addresses (CIDR), e.g. {"br0": ["192.0.2.10/24"]}.
+    addresses: dict[str, list[str]] = field(default_factory=dict)
+    # What appliance-network.service did at boot: "configured", "fallback", "no-link"; else "unknown".
+    network: str = "unknown"
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -133,15 +141,51 @@ def read_bridges(sys_class_net: Path = SYS_CLASS_NET) -> dict[str, Bridge]:
         interface = bridge_dir.parent
         ports = tuple(sorted(port.name for port in (interface / "brif").glob("*")))
         mtu = read_sys_value(interface / "mtu")
+        vlan_filtering = read_sys_value(bridge_dir / "vlan_filtering") == "1"
         bridges[interface.name] = Bridge(
             name=interface.name,
-            vlan_filtering=read_sys_value(bridge_dir / "vlan_filtering") == "1",
+            vlan_filtering=vlan_filtering,
             ports=ports,
             mtu=int(mtu) if mtu.isdigit() else 0,
+            vlans=read_bridge_vlans(interface.name, ports) if vlan_filtering else {},
         )
     return bridges
 
 
+def read_json_tool(argv: list[str]) -> Any:
+    """The JSON a tool prints (ip -j, bridge -j); None when it is missing or fails: a report never fails on it."""
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        return json.loads(result.stdout) if result.returncode == 0 and result.stdout.strip() else None
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
+def read_bridge_vlans(bridge: str, ports: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    shown = read_json_tool(["bridge", "-j", "vlan", "show"]) or []
+    vlans: dict[str, tuple[int, ...]] = {}
+    for entry in shown:
+        name = entry.get("ifname")
+        if name == bridge or name in ports:
+            ids: list[int] = []
+            for vlan in entry.get("vlans", []):
+                first, last = vlan.get("vlan", 0), vlan.get("vlanEnd", vlan.get("vlan", 0))
+                ids += range(first, last + 1) if last - first < 64 else [first, last]
+            vlans[name] = tuple(ids)
+    return vlans
+
+
+def read_addresses() -> dict[str, list[str]]:
+    """Global addresses by interface, as `ip -j addr` shows them (none on the loopback)."""
+    shown = read_json_tool(["ip", "-j", "addr", "show", "scope", "global"]) or []
+    return {
+        entry["ifname"]: [f"{info['local']}/{info['prefixlen']}" for info in entry["addr_info"] if "local" in info]
+        for entry in shown
+        if entry.get("addr_info")
+    }
+
+
+NETWORK_MARKER = Path("/run/appliance/network")
 STORAGE_MARKER = Path("/run/appliance/storage")
 STORAGE_DEVICE_MARKER = Path("/run/appliance/storage-device")
 
@@ -180,4 +224,6 @@ def collect_report(build_info_path: Path) -> HostReport:
         state_device=read_state_device(),
         agent_rss_bytes=read_rss(),
         bridges=tuple(read_bridges().values()),
+        addresses=read_addresses(),
+        network=read_boot_marker(NETWORK_MARKER) or "unknown",
     )

@@ -1,5 +1,8 @@
 """The node's image store: images streamed in through the connection, listed, deleted.
 
+Each image's kind (disk, iso, kernel, initrd: media.py) is read from its first
+bytes once it is in, from the file, so nothing beyond the stream's chunk is held.
+
 An import writes to a private partial file while hashing; only a complete
 upload with the stated size and sha256 is renamed into place, so a broken or
 mismatched upload leaves nothing behind.
@@ -15,6 +18,8 @@ from typing import Any, BinaryIO
 from appliance.agent.crashpoints import crash_point
 from appliance.agent.errors import AgentError, ErrorCode, image_exists, image_not_found
 from appliance.agent.guests import Hypervisor
+from appliance.agent.kept import list_kept
+from appliance.agent.media import detect_kind, image_kind
 from appliance.agent.model import check_name
 from appliance.agent.store import Store
 
@@ -51,7 +56,7 @@ def receive_image(
         if target.exists():
             raise image_exists(name)
         # The row first: a file in the store always has its row (repair.py relies on it).
-        store.add_image(name, size, sha256)
+        store.add_image(name, size, sha256, detect_kind(partial))
         crash_point("image-import:row")
         try:
             # link, not rename: it fails instead of replacing an image that appeared meanwhile.
@@ -65,10 +70,30 @@ def receive_image(
     return {"name": name, "size_bytes": size, "sha256": sha256}
 
 
+def list_images(host: Hypervisor, store: Store) -> list[dict[str, object]]:
+    """Every image with its kind; rows of older agents get theirs now (media.image_kind keeps it)."""
+    listed = store.images()
+    for image in listed:
+        if not image["kind"]:
+            name = str(image["name"])
+            try:
+                image["kind"] = image_kind(store, host.images_dir, name)
+            except AgentError:  # its file went with a delete cut short: repair.py removes the row
+                image["kind"] = ""
+    return listed
+
+
 def delete_image(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
     users = [spec.name for spec in store.guests() if name in spec.images_used()]
     if users:
         raise AgentError(ErrorCode.IMAGE_IN_USE, f"image {name!r} is used by guest(s) {', '.join(users)}")
+    # Kept disks are copy-on-write over their base images too: kept.restore needs them.
+    kept = [entry["kept"] for entry in list_kept(host) if name in entry["images"]]
+    if kept:
+        raise AgentError(
+            ErrorCode.IMAGE_IN_USE,
+            f"image {name!r} is under the kept disks of {', '.join(kept)} (kept.purge them first)",
+        )
     if name not in {image["name"] for image in store.images()}:
         raise image_not_found(name)
     # The file first, then the row: a file in the store always has its row.

@@ -32,9 +32,15 @@ def kept_entry(host: Hypervisor, kept: object) -> Path:
     return host.kept_disks_dir / kept
 
 
+# Beside a disk removed from a guest (disks.py): the guest's name and the disk's definition.
+REMOVED_DISK = "removed-disk.json"
+
+
 def describe(entry: Path) -> dict[str, Any]:
     files = [path for path in entry.rglob("*") if path.is_file()]
     definition = read_definition(entry)
+    if definition is None:
+        return describe_removed_disk(entry, files)
     return {
         "kept": entry.name,
         "guest": definition.get("name", "") if definition else "",
@@ -42,12 +48,31 @@ def describe(entry: Path) -> dict[str, Any]:
         "disks": sorted(path.name for path in files if path.suffix == ".qcow2"),
         "size_bytes": sum(path.stat().st_blocks * 512 for path in files),
         "restorable": definition is not None,
+        # The store images its disks are copy-on-write over: image.delete keeps them for a restore.
+        "images": sorted(guest_spec_from_json(definition).images_used()) if definition else [],
     }
 
 
-def read_definition(entry: Path) -> dict[str, Any] | None:
+def describe_removed_disk(entry: Path, files: list[Path]) -> dict[str, Any]:
+    """A disk removed from a guest (or disks an older agent kept without a definition): not restorable
+    as a guest; the image a removed disk is over is kept for it all the same."""
+    note = read_definition(entry, REMOVED_DISK) or {}
+    disk = note.get("disk") if isinstance(note.get("disk"), dict) else {}
+    base = disk.get("base_image") if isinstance(disk, dict) else ""
+    return {
+        "kept": entry.name,
+        "guest": str(note.get("guest", "")),
+        "kept_since": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(entry.stat().st_mtime)),
+        "disks": sorted(path.name for path in files if path.suffix == ".qcow2"),
+        "size_bytes": sum(path.stat().st_blocks * 512 for path in files),
+        "restorable": False,
+        "images": [base] if isinstance(base, str) and base else [],
+    }
+
+
+def read_definition(entry: Path, name: str = KEPT_DEFINITION) -> dict[str, Any] | None:
     try:
-        data = json.loads((entry / KEPT_DEFINITION).read_text())
+        data = json.loads((entry / name).read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -66,7 +91,8 @@ def restore(host: Hypervisor, store: Store, kept: object, name: str | None) -> d
     if definition is None:
         raise AgentError(
             ErrorCode.UNSUPPORTED,
-            f"{entry.name} has no definition (kept by an older agent): its disks stay where they are",
+            f"{entry.name} has no guest definition (a disk removed from a guest, or kept by an older agent): "
+            "its disks stay where they are",
         )
     kept_spec = guest_spec_from_json(definition)
     spec = replace(kept_spec, name=check_name(name)) if name is not None else kept_spec

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -37,8 +37,22 @@ class RestartPolicy(StrEnum):
 
 @dataclass(frozen=True)
 class Disk:
+    """One guest disk: blank (`size_gib`) or over an image of the store (`base_image`; a `size_gib`
+    beside it is the size it was grown to). `file` is its file in the guest's directory, named when the
+    disk is made and kept while it is attached, so removing one disk never renames the others."""
+
     size_gib: int = 0
     base_image: str = ""
+    file: str = ""
+
+
+class BootDevice(StrEnum):
+    """What a guest's boot_order names: its disks, its CD-ROM, its NICs (network boot), its kernel_boot."""
+
+    DISK = "disk"
+    CDROM = "cdrom"
+    NETWORK = "network"
+    KERNEL = "kernel"
 
 
 class NicModel(StrEnum):
@@ -96,6 +110,12 @@ class GuestSpec:
     cpu_weight: int = DEFAULT_CPU_WEIGHT
     cpu_quota_percent: int = 0
     cloud_init: CloudInit | None = None
+    # An ISO image of the store attached read-only as a CD-ROM ("" for none).
+    cdrom: str = ""
+    # The devices the firmware tries, in order (empty: the firmware's own order, disks first).
+    boot_order: tuple[BootDevice, ...] = ()
+    # A graphical console (a VGA device and QEMU's VNC server on a unix socket), for installers.
+    display: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +131,11 @@ class GuestSpec:
         else:
             params["kernel_boot"] = {key: value for key, value in asdict(self.kernel_boot).items() if value}
         params["nics"] = [nic_params(nic) for nic in self.nics]
+        # Install media only where the guest has them, as guest.create takes them (absent: none).
+        params["boot_order"] = [device.value for device in self.boot_order]
+        for field in MEDIA_FIELDS:
+            if not params[field]:
+                del params[field]
         if self.cloud_init is None:
             del params["cloud_init"]
         else:
@@ -123,7 +148,19 @@ class GuestSpec:
         used = {disk.base_image for disk in self.disks if disk.base_image}
         if self.kernel_boot:
             used |= {self.kernel_boot.kernel_image, self.kernel_boot.initrd_image} - {""}
+        if self.cdrom:
+            used.add(self.cdrom)
         return used
+
+    def devices(self) -> set[BootDevice]:
+        """What this guest has to boot from."""
+        present = {
+            BootDevice.DISK: bool(self.disks),
+            BootDevice.CDROM: bool(self.cdrom),
+            BootDevice.NETWORK: bool(self.nics),
+            BootDevice.KERNEL: self.kernel_boot is not None,
+        }
+        return {device for device, there in present.items() if there}
 
 
 def invalid(message: str, field: str) -> AgentError:
@@ -161,7 +198,8 @@ def parse_guest_spec(params: dict[str, Any]) -> GuestSpec:
     check_fields(
         params,
         {"name", "vcpus", "memory_mib", "disks", "nics", "kernel_boot", "autostart", "restart", "cloud_init"}
-        | CPU_FIELDS,
+        | CPU_FIELDS
+        | MEDIA_FIELDS,
         "guest",
     )
     disks_value = params.get("disks", [])
@@ -176,6 +214,10 @@ def parse_guest_spec(params: dict[str, Any]) -> GuestSpec:
     except ValueError as error:
         raise invalid(f"restart must be one of {', '.join(RestartPolicy)}", "restart") from error
     boot = params.get("kernel_boot")
+    display = params.get("display", False)
+    if not isinstance(display, bool):
+        raise invalid_field("display", "must be true or false")
+    cdrom = params.get("cdrom")  # absent, null or "": none, as kernel_boot and cloud_init
     vcpus = check_int(params, "vcpus", 1, MAX_VCPUS, 1)
     weight, quota = parse_cpu_limits(params, vcpus, DEFAULT_CPU_WEIGHT, 0)
     spec = GuestSpec(
@@ -190,10 +232,40 @@ def parse_guest_spec(params: dict[str, Any]) -> GuestSpec:
         cpu_weight=weight,
         cpu_quota_percent=quota,
         cloud_init=None if params.get("cloud_init") is None else parse_cloud_init(params["cloud_init"]),
+        cdrom="" if cdrom is None or cdrom == "" else check_name(cdrom, "cdrom"),
+        display=display,
     )
-    if not spec.disks and spec.kernel_boot is None and not spec.nics:
-        raise invalid("the guest has nothing to boot: give it disks, a kernel_boot or a NIC to boot from", "disks")
-    return spec
+    if not spec.devices():
+        raise invalid("the guest has nothing to boot: give it disks, a CD-ROM, a kernel_boot or a NIC", "disks")
+    return replace(spec, boot_order=parse_boot_order(params.get("boot_order", []), spec.devices()))
+
+
+# The fields of a guest's install media and consoles: its CD-ROM, its boot order, its display.
+MEDIA_FIELDS = {"cdrom", "boot_order", "display"}
+
+
+def parse_boot_order(value: object, present: set[BootDevice]) -> tuple[BootDevice, ...]:
+    """The devices to boot from, in order: each once, each one the guest has; a kernel first (QEMU boots
+    a -kernel before any device: its option ROM takes the first boot index)."""
+    allowed = ", ".join(BootDevice)
+    if not isinstance(value, list):
+        raise invalid_field("boot_order", f"must be a list of devices, in order, from {allowed}")
+    order: list[BootDevice] = []
+    for index, item in enumerate(value):
+        where = f"boot_order[{index}]"
+        try:
+            device = BootDevice(item)
+        except ValueError as error:
+            raise invalid_field(where, f"{item!r} is not a boot device; allowed: {allowed}") from error
+        if device in order:
+            raise invalid_field(where, f"{device} is named twice")
+        if device not in present:
+            has = ", ".join(sorted(present)) or "nothing"
+            raise invalid_field(where, f"the guest has no {device} to boot from (it has: {has})")
+        if device is BootDevice.KERNEL and index != 0:
+            raise invalid_field(where, "a kernel_boot boots before every device; put kernel first")
+        order.append(device)
+    return tuple(order)
 
 
 CPU_FIELDS = {"cpu_weight", "cpu_quota_percent"}
@@ -216,8 +288,13 @@ def parse_disk(value: object, index: int) -> Disk:
     if "base_image" in value:
         if "size_gib" in value:
             raise invalid(f"{where}: give size_gib or base_image, not both", where)
-        return Disk(base_image=check_name(value["base_image"], f"{where}.base_image"))
-    return Disk(size_gib=check_int(value, "size_gib", 1, MAX_DISK_GIB))
+        return Disk(base_image=check_name(value["base_image"], f"{where}.base_image"), file=disk_file(index))
+    return Disk(size_gib=check_int(value, "size_gib", 1, MAX_DISK_GIB), file=disk_file(index))
+
+
+def disk_file(number: int) -> str:
+    """The file of a disk in its guest's directory: disk0.qcow2, disk1.qcow2, ..."""
+    return f"disk{number}.qcow2"
 
 
 def nic_params(nic: Nic) -> dict[str, Any]:
@@ -355,7 +432,8 @@ def guest_spec_from_json(data: dict[str, Any]) -> GuestSpec:
         name=data["name"],
         vcpus=data["vcpus"],
         memory_mib=data["memory_mib"],
-        disks=tuple(Disk(**disk) for disk in data["disks"]),
+        # Definitions stored before disks could be removed name no files: theirs are numbered in order.
+        disks=tuple(Disk(**{"file": disk_file(index), **disk}) for index, disk in enumerate(data["disks"])),
         nics=nics_from_json(data["nics"]),
         kernel_boot=KernelBoot(**boot) if boot else None,
         autostart=data["autostart"],
@@ -364,18 +442,25 @@ def guest_spec_from_json(data: dict[str, Any]) -> GuestSpec:
         cpu_weight=data.get("cpu_weight", DEFAULT_CPU_WEIGHT),
         cpu_quota_percent=data.get("cpu_quota_percent", 0),
         cloud_init=cloud_init_from_json(data.get("cloud_init")),
+        cdrom=data.get("cdrom", ""),
+        boot_order=tuple(BootDevice(device) for device in data.get("boot_order", ())),
+        display=data.get("display", False),
     )
 
 
-# What guest.update may change; disks have verbs of their own. NICs and the cloud-init
-# section take effect at the next start (a changed section is a new seed, a new instance-id).
-UPDATABLE_FIELDS = {"vcpus", "memory_mib", "autostart", "restart", "kernel_boot", "nics", "cloud_init"} | CPU_FIELDS
+# What guest.update may change; disks have verbs of their own (disks.py). NICs, the cloud-init
+# section (a changed section is a new seed, a new instance-id), the CD-ROM, the boot order and the
+# display take effect at the next start.
+UPDATABLE_FIELDS = (
+    {"vcpus", "memory_mib", "autostart", "restart", "kernel_boot", "nics", "cloud_init"} | CPU_FIELDS | MEDIA_FIELDS
+)
 
 
 def updated_spec(spec: GuestSpec, changes: dict[str, Any]) -> GuestSpec:
-    """The definition with `changes` applied, checked as a new definition would be."""
+    """The definition with `changes` applied, checked as a new definition would be; its disks as they are
+    (their files and grown sizes are no create params)."""
     check_fields(changes, UPDATABLE_FIELDS, "update")
-    return parse_guest_spec({**spec.to_params(), **changes})
+    return replace(parse_guest_spec({**spec.to_params(), **changes}), disks=spec.disks)
 
 
 def nics_from_json(value: int | list[dict[str, Any]]) -> tuple[Nic, ...]:

@@ -174,8 +174,13 @@ def vhost_usable(device: Path = VHOST_NET) -> bool:
     return device.exists() and os.access(device, os.R_OK | os.W_OK)
 
 
-def nic_argv(spec: GuestSpec, directory: Path, config: NetworkConfig) -> tuple[list[str], LaunchPlan]:
-    """QEMU's -netdev/-device arguments for the guest's NICs, and the descriptors they need made first."""
+def nic_argv(
+    spec: GuestSpec, directory: Path, config: NetworkConfig, boot_from: int | None = None
+) -> tuple[list[str], LaunchPlan]:
+    """QEMU's -netdev/-device arguments for the guest's NICs, and the descriptors they need made first.
+
+    With `boot_from` (the guest boots from the network) the NICs take boot indexes from it and keep
+    their option ROM (iPXE), which otherwise is left out."""
     argv: list[str] = []
     plan = LaunchPlan(tap_helper_socket=str(config.tap_helper_socket))
     vhost = ",vhost=on" if vhost_usable(VHOST_NET) else ""
@@ -191,7 +196,8 @@ def nic_argv(spec: GuestSpec, directory: Path, config: NetworkConfig) -> tuple[l
             )
             argv += ["-netdev", f"tap,id={netdev},fd={fd}{vhost}"]
         mac = f",mac={nic.mac}" if nic.mac else ""
-        argv += ["-device", f"{QEMU_DEVICE[nic.model]},netdev={netdev}{mac},romfile="]
+        boot = ",romfile=" if boot_from is None else f",bootindex={boot_from + index}"
+        argv += ["-device", f"{QEMU_DEVICE[nic.model]},netdev={netdev}{mac}{boot}"]
     return argv, plan
 
 

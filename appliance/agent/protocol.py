@@ -3,11 +3,21 @@
 One JSON object per line, JSON-RPC 2.0 style. Every failure is an `AgentError`
 carrying a stable machine-readable code (in `error.data.code`) next to the
 JSON-RPC numeric code and a human message; the connection always goes on.
+
+Two exceptions to lines, both announced by the request line itself:
+- image.import: its line is followed by exactly `size_bytes` of raw data, then
+  lines again (a refused import's data is skipped, or the connection ends).
+- the relay methods (RELAY_METHODS): once one has answered with a result, the
+  connection stops being requests for good; it carries raw bytes both ways (a
+  serial console, a VNC display) until either side closes it, and then it
+  ends. A relay request that is refused ends the connection after its error
+  line, so bytes a client sent after it are never read as requests either.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -17,6 +27,8 @@ PROTOCOL_VERSION = 1
 MAX_LINE_BYTES = 1 << 20
 # The methods whose request line is followed by raw data (size_bytes of it): an image, an upgrade's file.
 UPLOAD_METHODS = ("image.import", "upgrade.send")
+# The methods whose result line is followed by a raw relay until the connection ends.
+RELAY_METHODS = ("guest.console_attach", "guest.display_attach")
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,20 @@ def announced_upload(line: bytes) -> tuple[bool, int | None]:
     if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
         return True, size
     return True, None
+
+
+def announced_relay(line: bytes) -> bool:
+    """Whether a request line (parsed or not) names a relay method: after it, raw bytes may follow."""
+    return any(method.encode() in line for method in RELAY_METHODS)
+
+
+@dataclass(frozen=True)
+class Handover:
+    """What a relay method answers: `result` for the reply line, then `relay(requests, replies)`
+    moves raw bytes until either side closes; the connection ends after it."""
+
+    result: Any
+    relay: Callable[[BinaryIO, BinaryIO], None]
 
 
 def parse_request(line: bytes) -> Request:

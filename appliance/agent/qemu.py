@@ -52,15 +52,26 @@ class QemuFiles:
         return self.directory / "qmp.lock"
 
 
-def base_argv(name: str, accel: AccelChoice, memory_mib: int, cpus: int, files: QemuFiles) -> list[str]:
+def base_argv(
+    name: str, accel: AccelChoice, memory_mib: int, cpus: int, files: QemuFiles, serial_socket: Path | None = None
+) -> list[str]:
     """The start of every QEMU command line here: machine, accelerator, size, no default
-    devices or display, the console to a file, a pid file and a QMP socket."""
+    devices or display, the console to a file, a pid file and a QMP socket.
+
+    With `serial_socket` the console is also a unix socket one client at a time can attach to
+    (QEMU's log of the chardev keeps writing console_log, attached or not; unattached, the
+    guest's output is not held up)."""
+    if serial_socket is None:
+        serial = ["-serial", f"file:{files.console_log}"]
+    else:
+        serial = ["-chardev", f"socket,id=serial0,path={serial_socket},server=on,wait=off,logfile={files.console_log}",
+                  "-serial", "chardev:serial0"]  # fmt: skip
     return [
         QEMU, "-name", name,
         "-machine", f"q35,accel={accel.accel}", "-cpu", accel.cpu,
         "-m", str(memory_mib), "-smp", str(cpus),
         "-nodefaults", "-display", "none",
-        "-serial", f"file:{files.console_log}",
+        *serial,
         "-pidfile", str(files.pid_file),
         "-qmp", f"unix:{files.qmp_socket},server=on,wait=off",
     ]  # fmt: skip
@@ -80,11 +91,22 @@ def wait_gone(pid: int, timeout: float) -> bool:
             command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return True
-        if QEMU.encode() not in command_line:
+        # An exiting QEMU loses its command line (its memory) before its files: until it is a zombie it
+        # may still hold its pid file's lock, and a start at once would fail on it.
+        if QEMU.encode() not in command_line and (command_line or exited(pid)):
             return True
         if time.monotonic() >= deadline:
             return False
         time.sleep(POLL_SECONDS)
+
+
+def exited(pid: int) -> bool:
+    """Whether `pid` is gone or a zombie (it has let go of everything it held)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")
 
 
 @contextmanager

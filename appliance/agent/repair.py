@@ -10,19 +10,28 @@ Guests (guests.py): made in guests/.creating-PID-NAME, row committed, renamed
 to guests/NAME; deleted by moving guests/NAME away (kept-disks/ or
 .deleting-PID-NAME), then the row goes. Images (images.py): row committed,
 then the verified upload linked into place; deleted file first, row second.
+Disks of a defined guest (disks.py): .adding-, .growing- and .removing-PID-FILE
+in its directory, finished or undone by repair_disks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 import time
 from pathlib import Path
 
-from appliance.agent.guests import CREATING_PREFIX, DELETING_PREFIX, Hypervisor
+from appliance.agent.disks import ADDING_PREFIX, GROWING_PREFIX, REMOVING_PREFIX, keep, resize
+from appliance.agent.errors import AgentError
+from appliance.agent.guests import CREATING_PREFIX, DELETING_PREFIX, Hypervisor, image_info
 from appliance.agent.images import PARTIAL_PREFIX
 from appliance.agent.kept import RESTORING_PREFIX
+from appliance.agent.model import Disk, GuestSpec
 from appliance.agent.store import Store
+from appliance.agent.supervisors import GuestFiles
+
+DISK_PREFIXES = (ADDING_PREFIX, GROWING_PREFIX, REMOVING_PREFIX)
 
 
 def owner_alive(entry: Path, prefix: str) -> bool:
@@ -61,6 +70,7 @@ def repair_guests(host: Hypervisor, store: Store) -> None:
             set_aside_undefined(host, entry)
         else:
             remove_dead_markers(entry)
+            repair_disks(host, store.guest(entry.name), entry)
 
 
 def finish_or_undo_create(host: Hypervisor, entry: Path, row_committed: bool) -> None:
@@ -102,6 +112,45 @@ def remove_dead_markers(directory: Path) -> None:
     for marker in directory.glob(f"{CREATING_PREFIX}*"):
         if not owner_alive(marker, CREATING_PREFIX):
             marker.unlink(missing_ok=True)
+
+
+def repair_disks(host: Hypervisor, spec: GuestSpec, directory: Path) -> None:
+    """A defined guest's disk changes cut short (disks.py): an added disk's file into place if the
+    definition names it, else removed; a grown disk grown to the definition's size; a removed disk's
+    file back if the definition still names it, else on to kept-disks/."""
+    paths = GuestFiles(directory)
+    disks = {disk.file: disk for disk in spec.disks}
+    for entry in sorted(directory.iterdir()):
+        prefix = next((prefix for prefix in DISK_PREFIXES if entry.name.startswith(prefix)), None)
+        if prefix is None or owner_alive(entry, prefix):
+            continue
+        file = owned_name(entry, prefix)
+        named, target = file in disks, directory / file
+        if prefix == GROWING_PREFIX:
+            if named and target.exists():
+                try:
+                    resize(paths, disks[file])
+                except AgentError as error:
+                    # Not this connection's business to fail over: the marker stays for the next agent.
+                    print(f"repair: {spec.name}: {file} not grown yet: {error}", file=sys.stderr)
+                    continue
+            entry.unlink(missing_ok=True)
+        elif named and not target.exists():
+            entry.rename(target)  # an add that committed, or a remove that did not
+        elif prefix == ADDING_PREFIX:
+            entry.unlink(missing_ok=True)
+        else:
+            # The definition no longer names it; the image it is over is named in the file itself.
+            keep(host, spec.name, entry, Disk(base_image=base_image_of(host, entry), file=file))
+
+
+def base_image_of(host: Hypervisor, disk: Path) -> str:
+    """The store image a qcow2 is over, from its backing file ("" for none, or when qemu-img cannot say)."""
+    try:
+        backing = Path(str(image_info(disk).get("backing-filename", "")))
+    except AgentError:
+        return ""
+    return backing.name if backing.parent == host.images_dir else ""
 
 
 def repair_images(host: Hypervisor, store: Store) -> None:

@@ -148,6 +148,13 @@ def check_network_config(value: object, field: str) -> str:
             raise refuse(field, "must be a network config version 2 ({'version': 2, 'ethernets': {...}})")
         return check_text(json.dumps(value, sort_keys=True), field)
     text = check_text(value, field)
+    try:
+        stored = json.loads(text)
+    except ValueError:
+        stored = None
+    if isinstance(stored, dict):
+        # An object given earlier, kept as JSON text (JSON is YAML too): checked as the object it was.
+        return check_network_config(stored, field)
     if not NETWORK_VERSION_2.search(text):
         raise refuse(field, "must be a network config version 2: an object, or YAML text with 'version: 2'")
     for number, line in enumerate(text.split("\n"), start=1):

@@ -10,16 +10,27 @@ import re
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from appliance.agent import __version__, guests, images, kept, node, upgrade
+from appliance.agent import __version__, consoles, disks, guests, images, kept, node, upgrade
 from appliance.agent.errors import AgentError, ErrorCode
 from appliance.agent.host import collect_report
 from appliance.agent.lifecycle_config import LifecycleConfig, LifecycleConfigError, load_lifecycle_config
-from appliance.agent.model import CPU_FIELDS, check_fields, check_int, check_name, parse_guest_spec
+from appliance.agent.model import (
+    CPU_FIELDS,
+    MAX_DISK_GIB,
+    check_fields,
+    check_int,
+    check_name,
+    parse_guest_spec,
+)
 from appliance.agent.protocol import (
     PROTOCOL_VERSION,
+    RELAY_METHODS,
+    Handover,
+    announced_relay,
     announced_upload,
     error_message,
     notification_message,
@@ -219,6 +230,32 @@ def guest_console(context: ServerContext, params: dict[str, Any]) -> Any:
     return guests.console_tail(context.host, context.store, name, limit)
 
 
+def guest_console_attach(context: ServerContext, params: dict[str, Any]) -> Any:
+    """The serial console, interactive: after the reply line, raw bytes both ways (protocol.py)."""
+    return consoles.console_attach(context.host, context.store, guest_name(params))
+
+
+def guest_display_attach(context: ServerContext, params: dict[str, Any]) -> Any:
+    """One VNC connection to the guest's display: after the reply line, raw bytes both ways."""
+    return consoles.display_attach(context.host, context.store, guest_name(params))
+
+
+def guest_disk_add(context: ServerContext, params: dict[str, Any]) -> Any:
+    name = guest_name(params, {"size_gib"})
+    return disks.add_disk(context.host, context.store, name, check_int(params, "size_gib", 1, MAX_DISK_GIB))
+
+
+def guest_disk_grow(context: ServerContext, params: dict[str, Any]) -> Any:
+    name = guest_name(params, {"index", "size_gib"})
+    size = check_int(params, "size_gib", 1, MAX_DISK_GIB)
+    return disks.grow_disk(context.host, context.store, name, params.get("index"), size)
+
+
+def guest_disk_remove(context: ServerContext, params: dict[str, Any]) -> Any:
+    name = guest_name(params, {"index"})
+    return disks.remove_disk(context.host, context.store, name, params.get("index"))
+
+
 def image_import(context: ServerContext, params: dict[str, Any]) -> Any:
     """The request line is followed by exactly size_bytes of raw image data."""
     assert context.requests is not None
@@ -289,7 +326,7 @@ def node_install(context: ServerContext, params: dict[str, Any]) -> Any:
 
 def image_list(context: ServerContext, params: dict[str, Any]) -> Any:
     no_params(params)
-    return context.store.images()
+    return images.list_images(context.host, context.store)
 
 
 def image_delete(context: ServerContext, params: dict[str, Any]) -> Any:
@@ -326,32 +363,52 @@ METHODS: dict[str, Method] = {
     "guest.list": guest_list,
     "guest.info": guest_info,
     "guest.console": guest_console,
+    "guest.console_attach": guest_console_attach,
+    "guest.display_attach": guest_display_attach,
+    "guest.disk_add": guest_disk_add,
+    "guest.disk_grow": guest_disk_grow,
+    "guest.disk_remove": guest_disk_remove,
     "guest.set_memory": guest_set_memory,
     "guest.set_cpu": guest_set_cpu,
 }
 
 
-def handle_line(context: ServerContext, line: bytes) -> tuple[bytes, bool]:
-    """The reply to one request line, and whether the connection must end after it."""
+@dataclass(frozen=True)
+class Outcome:
+    """What one request line comes to: the reply, whether the connection ends after it, and the
+    relay that takes the connection over after it (which ends it too)."""
+
+    reply: bytes
+    close: bool = False
+    handover: Handover | None = None
+
+
+def handle_line(context: ServerContext, line: bytes) -> Outcome:
     try:
         request = parse_request(line)
     except AgentError as error:
-        return error_message(error.details.get("id"), error), refuse_upload(context, line)
+        close = refuse_upload(context, line) or announced_relay(line)
+        return Outcome(error_message(error.details.get("id"), error), close)
     request_id = request.id
+    relay = request.method in RELAY_METHODS
     try:
         method = METHODS.get(request.method)
         if method is None:
             raise AgentError(ErrorCode.METHOD_NOT_FOUND, f"unknown method {request.method!r}")
-        return result_message(request_id, method(context, request.params)), False
+        result = method(context, request.params)
+        if isinstance(result, Handover):
+            return Outcome(result_message(request_id, result.result), handover=result)
+        return Outcome(result_message(request_id, result))
     except AgentError as error:
-        return error_message(error.details.get("id", request_id), error), bool(error.details.get("close"))
+        close = bool(error.details.get("close")) or relay
+        return Outcome(error_message(error.details.get("id", request_id), error), close)
     except Exception as error:
         # A bug in one method must not end the operator's connection. The
         # traceback goes to stderr (the journal on the node), the reply names
         # the exception, so the cause is not hidden from either.
         traceback.print_exc(file=sys.stderr)
         failure = AgentError(ErrorCode.INTERNAL_ERROR, f"{type(error).__name__}: {error}")
-        return error_message(request_id, failure), False
+        return Outcome(error_message(request_id, failure), relay)
 
 
 def refuse_upload(context: ServerContext, line: bytes) -> bool:
@@ -380,8 +437,12 @@ def serve(context: ServerContext, requests: BinaryIO, replies: BinaryIO) -> None
             return
         if not line.strip():
             continue
-        reply, close = handle_line(context, line)
-        replies.write(reply)
+        outcome = handle_line(context, line)
+        replies.write(outcome.reply)
         replies.flush()
-        if close:
+        if outcome.handover is not None:
+            # From here on the connection is the relay's: nothing more is read as a request.
+            outcome.handover.relay(requests, replies)
+            return
+        if outcome.close:
             return

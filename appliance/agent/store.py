@@ -29,6 +29,9 @@ CREATE TABLE IF NOT EXISTS images (
     created REAL NOT NULL
 );
 """
+# Columns added since the first schema, each with a default for the rows already there. An image's
+# kind (media.py) is "" in rows older than the column: detected from the file on first use.
+ADDED_COLUMNS = (("images", "kind", "TEXT NOT NULL DEFAULT ''"),)
 BUSY_TIMEOUT_SECONDS = 30
 
 
@@ -40,6 +43,16 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        """Bring an older database up to the schema; in one transaction, so two agents opening it at once
+        add each column once."""
+        with self.transaction() as db:
+            for table, column, declaration in ADDED_COLUMNS:
+                present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         self.db.close()
@@ -93,19 +106,25 @@ class Store:
     def has_guest(self, name: str) -> bool:
         return self.db.execute("SELECT 1 FROM guests WHERE name = ?", (name,)).fetchone() is not None
 
-    def add_image(self, name: str, size_bytes: int, sha256: str) -> None:
+    def add_image(self, name: str, size_bytes: int, sha256: str, kind: str = "") -> None:
         try:
             with self.transaction() as db:
                 db.execute(
-                    "INSERT INTO images (name, size_bytes, sha256, created) VALUES (?, ?, ?, ?)",
-                    (name, size_bytes, sha256, time.time()),
+                    "INSERT INTO images (name, size_bytes, sha256, created, kind) VALUES (?, ?, ?, ?, ?)",
+                    (name, size_bytes, sha256, time.time(), kind),
                 )
         except sqlite3.IntegrityError as error:
             raise image_exists(name) from error
 
     def images(self) -> list[dict[str, object]]:
-        rows = self.db.execute("SELECT name, size_bytes, sha256, created FROM images ORDER BY name").fetchall()
-        return [{"name": row[0], "size_bytes": row[1], "sha256": row[2], "created": row[3]} for row in rows]
+        rows = self.db.execute("SELECT name, size_bytes, sha256, created, kind FROM images ORDER BY name").fetchall()
+        return [
+            {"name": row[0], "size_bytes": row[1], "sha256": row[2], "created": row[3], "kind": row[4]} for row in rows
+        ]
+
+    def set_image_kind(self, name: str, kind: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE images SET kind = ? WHERE name = ?", (kind, name))
 
     def remove_image(self, name: str, missing_ok: bool = False) -> None:
         with self.transaction() as db:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from appliance.agent.errors import AgentError, ErrorCode
-from appliance.agent.model import GuestSpec
+from appliance.agent.model import Disk, GuestSpec
 from appliance.agent.qemu import QemuFiles, end_process, request_powerdown, wait_gone
 from appliance.agent.tools import run_tool
 from appliance.agent.units import UserManager, cgroup_limits, set_cpu_live, start_unit, stop_unit, unit_name
@@ -34,8 +34,18 @@ class GuestFiles(QemuFiles):
         """What the unit's last ExecStop saw: "clean" or "forced"."""
         return self.directory / "last-stop"
 
-    def disk(self, index: int) -> Path:
-        return self.directory / f"disk{index}.qcow2"
+    def disk(self, disk: Disk) -> Path:
+        return self.directory / disk.file
+
+    @property
+    def serial_socket(self) -> Path:
+        """The serial console as a unix socket (QEMU logs it to console_log too), for guest.console_attach."""
+        return self.directory / "serial.sock"
+
+    @property
+    def vnc_socket(self) -> Path:
+        """QEMU's VNC server, for a guest with a display (guest.display_attach); no TCP port is opened."""
+        return self.directory / "vnc.sock"
 
 
 class Supervisor(Protocol):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -23,6 +25,7 @@ ELEMENTS = (
     "appliance-kvm",
     "appliance-agent",
     "appliance-guest-net",
+    "appliance-network",
     "appliance-ssh",
     "appliance-data",
     "appliance-lifecycle",
@@ -126,14 +129,38 @@ class PhaseFollower:
             self.on_phase(match["phase"], match["script"])
 
 
-def run_dib(invocation: DibInvocation, log_file: Path, on_phase: Callable[[str, str], None]) -> float:
+def run_dib(
+    invocation: DibInvocation,
+    log_file: Path,
+    on_phase: Callable[[str, str], None],
+    on_wait: Callable[[str], None] = lambda message: None,
+) -> float:
     """Run DIB; returns seconds taken, raises BuildError naming the failing phase."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    # Builds sharing DIB's cache (its apt archive above all) would fail on each other's apt
+    # locks: one at a time, the others wait and say so.
+    cache_lock = Path(invocation.env["DIB_IMAGE_CACHE"]) / ".appliance-build.lock"
     with log_file.open("w", buffering=1) as log:
         follower = PhaseFollower(log, on_phase)
         try:
-            run_streaming(invocation.argv, env=invocation.env, on_line=follower)
+            with one_build_at_a_time(
+                cache_lock, lambda: on_phase("waiting", f"for another build using {cache_lock.parent}")
+            ):
+                run_streaming(invocation.argv, env=invocation.env, on_line=follower)
         except CommandError as error:
             raise BuildError(follower.phase, log_file, error.output_tail) from error
     return time.monotonic() - started
+
+
+@contextmanager
+def one_build_at_a_time(lock: Path, waiting: Callable[[], None]) -> Iterator[None]:
+    """Hold `lock` for the block; if another build holds it, call `waiting` once and wait for it."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield

@@ -116,7 +116,12 @@ def build(spec: Spec, out_dir: Path, progress: Progress, cache_dir: Path = DEFAU
     )
     with progress.step(f"build the {spec.release} root with diskimage-builder (log: {out_dir / 'build.log'})"):
         invocation.output_prefix.parent.mkdir(parents=True)
-        run_dib(invocation, out_dir / "build.log", lambda phase, script: progress.detail(f"{phase} {script}"))
+        run_dib(
+            invocation,
+            out_dir / "build.log",
+            lambda phase, script: progress.detail(f"{phase} {script}"),
+            progress.note,
+        )
 
     with progress.step("pack boot artifacts"):
         live = collect_live_set(invocation.squashfs, invocation.kernel, invocation.initrd, staged, spec.name)

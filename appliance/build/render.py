@@ -16,6 +16,7 @@ from pathlib import Path
 import jinja2
 
 from appliance.build.layout import TEMPLATES_DIR
+from appliance.network import FIRST_WIRED, Network
 from appliance.spec import BREAK_GLASS_USER, Spec
 
 READY_MARKER = "APPLIANCE-READY"
@@ -80,7 +81,93 @@ def render_image_files(
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(environment.get_template(f"image/{relative.as_posix()}").render(context))
         written.append(target)
-    return written
+    return written + render_network_files(spec.network, elements_dir, templates_dir)
+
+
+# A name no NIC has: the ports file of the bridge that takes "first-wired" lists it until
+# appliance-network.service adds the NIC it found (a drop-in), so networkd never
+# matches a .network whose Name= would otherwise be empty (an empty match takes every link).
+FIRST_WIRED_PLACEHOLDER = "appliance-first-wired"
+NETWORK_UNITS = Path("appliance-network/static/etc/systemd/network")
+NETWORK_ENV = Path("appliance-network/static/etc/appliance/network.env")
+
+
+@dataclass(frozen=True)
+class NetworkUnit:
+    """One systemd-networkd file: its name, its template, what the template reads."""
+
+    name: str
+    template: str
+    values: Mapping[str, object]
+
+
+def network_units(network: Network) -> list[NetworkUnit]:
+    """The networkd files [network] asks for, named so networkd reads them in this order."""
+    management = network.management
+    management_vlan = f"{management.interface}.{management.vlan}" if management.vlan else ""
+    units = []
+    for bond in network.bonds:
+        units.append(NetworkUnit(f"10-appliance-{bond.name}.netdev", "bond.netdev", {"bond": bond}))
+        units.append(NetworkUnit(f"20-appliance-{bond.name}-ports.network", "bond-ports.network", {"bond": bond}))
+    for bridge in network.bridges:
+        first_wired = FIRST_WIRED in bridge.ports
+        names = [FIRST_WIRED_PLACEHOLDER if port == FIRST_WIRED else port for port in bridge.ports]
+        units.append(NetworkUnit(f"10-appliance-{bridge.name}.netdev", "bridge.netdev", {"bridge": bridge}))
+        units.append(
+            NetworkUnit(
+                f"30-appliance-{bridge.name}-ports.network",
+                "bridge-ports.network",
+                {"bridge": bridge, "names": names, "first_wired": first_wired},
+            )
+        )
+    if management_vlan:
+        values = {"name": management_vlan, "parent": management.interface, "vlan": management.vlan}
+        units.append(NetworkUnit(f"15-appliance-{management_vlan}.netdev", "vlan.netdev", values))
+    # Every bridge and bond that is no port of another gets its own .network (it must be up),
+    # and the interface holding the node's address gets that address.
+    ports = {port for bridge in network.bridges for port in bridge.ports}
+    interfaces = [bridge.name for bridge in network.bridges] + [
+        bond.name for bond in network.bonds if bond.name not in ports
+    ]
+    if management.interface not in interfaces:
+        interfaces.append(management.interface)
+    for name in interfaces:
+        carries_vlan = bool(management_vlan) and name == management.interface
+        values = {
+            "name": name,
+            "management": management if name == management.interface and not carries_vlan else None,
+            "vlans": [management_vlan] if carries_vlan else [],
+            "bridge_vlans": [management.vlan] if carries_vlan else [],
+        }
+        units.append(NetworkUnit(f"40-appliance-{name}.network", "interface.network", values))
+    if management_vlan:
+        values = {"name": management_vlan, "management": management, "vlans": [], "bridge_vlans": []}
+        units.append(NetworkUnit(f"40-appliance-{management_vlan}.network", "interface.network", values))
+    return units
+
+
+def render_network_files(network: Network, elements_dir: Path, templates_dir: Path = TEMPLATES_DIR) -> list[Path]:
+    """[network] as systemd-networkd units (templates/network/), and the env file appliance-network.service reads."""
+    environment = _environment(templates_dir)
+    written = []
+    units = network_units(network)
+    for unit in units:
+        target = elements_dir / NETWORK_UNITS / unit.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(environment.get_template(f"network/{unit.template}.j2").render(unit.values))
+        written.append(target)
+    first_wired = next((unit.name for unit in units if unit.values.get("first_wired")), "")
+    management = network.management
+    holds_address = f"{management.interface}.{management.vlan}" if management.vlan else management.interface
+    env = elements_dir / NETWORK_ENV
+    env.parent.mkdir(parents=True, exist_ok=True)
+    env.write_text(
+        environment.get_template("network/network.env.j2").render(
+            management_interface=holds_address,
+            first_wired_unit=first_wired,
+        )
+    )
+    return [*written, env]
 
 
 def render_boot_file(

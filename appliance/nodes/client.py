@@ -59,6 +59,7 @@ __all__ = [
     "NodeAddress",
     "NodeError",
     "NodeTimeoutError",
+    "Relay",
     "UnreachableError",
     "check_image_upload",
     "default_known_hosts",
@@ -193,9 +194,7 @@ class Node:
             try:
                 self._check_host_key(transport.get_remote_server_key())
                 self._authenticate(transport, offers)
-                channel = transport.open_session(timeout=self.timeout)
-                channel.settimeout(self.timeout)
-                channel.exec_command(AGENT_COMMAND)
+                channel = self._agent_channel(transport)
             except NodeError:
                 transport.close()
                 raise
@@ -207,6 +206,13 @@ class Node:
                     ) from error
                 raise ConnectionLostError(f"SSH session with {self.address.where} failed: {describe(error)}") from error
         self._transport, self._channel = transport, channel
+
+    def _agent_channel(self, transport: paramiko.Transport) -> paramiko.Channel:
+        """A new session on the connection, running the agent (the command the node's key forces anyway)."""
+        channel = transport.open_session(timeout=self.timeout)
+        channel.settimeout(self.timeout)
+        channel.exec_command(AGENT_COMMAND)
+        return channel
 
     def _open_transport(self) -> paramiko.Transport:
         """TCP and the SSH handshake, tried again when the node refuses, resets or drops the connection."""
@@ -398,6 +404,27 @@ class Node:
 
         return self._call_once(method, {**params, "size_bytes": size}, send_data)
 
+    def open_relay(self, method: str, params: dict[str, Any]) -> Relay:
+        """A relay method (guest.console_attach, guest.display_attach) on a channel of its own on this
+        connection: once the agent answers, the channel carries raw bytes both ways (see the agent's
+        protocol.py) until either side closes it. Several relays may be open at once."""
+        if self._transport is None:
+            self.connect()
+        assert self._transport is not None
+        try:
+            channel = self._agent_channel(self._transport)
+        except (paramiko.SSHException, OSError, EOFError) as error:
+            raise ConnectionLostError(
+                f"{method}: cannot open a channel to {self.address.host}: {describe(error)}"
+            ) from error
+        try:
+            result, early = self._exchange(channel, b"", method, params)
+        except BaseException:
+            channel.close()
+            raise
+        channel.settimeout(None)
+        return Relay(channel, result, early)
+
     def _call_once(
         self,
         method: str,
@@ -408,42 +435,70 @@ class Node:
         if self._channel is None:
             self.connect()
         assert self._channel is not None
+        try:
+            result, self._buffer = self._exchange(self._channel, self._buffer, method, params, send_data, on_progress)
+        except ConnectionLostError:
+            self.close()
+            raise
+        return result
+
+    def _exchange(
+        self,
+        channel: paramiko.Channel,
+        buffer: bytes,
+        method: str,
+        params: dict[str, Any] | None,
+        send_data: Callable[[paramiko.Channel], None] | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> tuple[Any, bytes]:
+        """One request on `channel` (with what it already buffered): the result, and what came after its reply."""
         request_id = next(self._ids)
         message = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}
         try:
-            self._channel.sendall(json.dumps(message).encode() + b"\n")
+            channel.sendall(json.dumps(message).encode() + b"\n")
             if send_data:
-                send_data(self._channel)
-            reply = json.loads(self._read_line())
+                send_data(channel)
+            line, buffer = read_line(channel, buffer)
+            reply = json.loads(line)
             # Notifications (no id) come ahead of the answer: progress of a long method.
             while isinstance(reply, dict) and "id" not in reply and "method" in reply:
                 if on_progress and reply.get("method") == "progress":
                     on_progress(reply.get("params") or {})
-                reply = json.loads(self._read_line())
+                line, buffer = read_line(channel, buffer)
+                reply = json.loads(line)
         except TimeoutError as error:
             raise NodeTimeoutError(f"{method}: no answer within {self.timeout:g}s") from error
         except (OSError, paramiko.SSHException, EOFError) as error:
-            self.close()
             raise ConnectionLostError(f"{method}: connection to {self.address.host} lost: {describe(error)}") from error
         except ValueError as error:
-            self.close()
             raise ConnectionLostError(f"{method}: {self.address.host} answered with no JSON: {error}") from error
         if "error" in reply:
             failure = reply["error"]
             data = failure.get("data") or {}
             details = {key: value for key, value in data.items() if key != "code"}
             raise AgentCallError(str(data.get("code", "unknown")), str(failure.get("message", "")), details)
-        return reply["result"]
+        return reply["result"], buffer
 
-    def _read_line(self) -> bytes:
-        assert self._channel is not None
-        while b"\n" not in self._buffer:
-            chunk = self._channel.recv(65536)
-            if not chunk:
-                raise EOFError("the agent closed the channel")
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line
+
+@dataclass(frozen=True)
+class Relay:
+    """A channel a relay method took over: the agent's answer, and the raw bytes that came right after it
+    (the start of the relay, to be used before anything read from the channel)."""
+
+    channel: paramiko.Channel
+    result: Any
+    early: bytes
+
+
+def read_line(channel: paramiko.Channel, buffer: bytes) -> tuple[bytes, bytes]:
+    """The next line from the channel (after what `buffer` holds), and what came after it."""
+    while b"\n" not in buffer:
+        chunk = channel.recv(65536)
+        if not chunk:
+            raise EOFError("the agent closed the channel")
+        buffer += chunk
+    line, rest = buffer.split(b"\n", 1)
+    return line, rest
 
 
 class _TryAgain(Exception):

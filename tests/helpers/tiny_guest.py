@@ -6,7 +6,10 @@ busybox-static from the host, the virtio balloon driver (so a balloon change
 is really carried out by the guest, not only requested) and acpid (so an ACPI
 power-down really powers it off). It prints TINY_GUEST_MARKER on its serial
 port and then every few seconds the memory it has, so tests can see the
-balloon take effect.
+balloon take effect, and the size of each virtio disk it sees
+(`tiny-disk vda SECTORS`, from /sys/block), so they can see a disk grow.
+A shell reads the serial console (commands typed into an attached console
+are run, their output comes back on it).
 
 Beside that, in the background, so the marker comes as early as before:
 - a volume labelled `cidata` (a NoCloud seed) is mounted; the guest takes the
@@ -67,8 +70,13 @@ acpid -d -c /etc/acpi &
 
 echo "{TINY_GUEST_MARKER} $(nproc) cpus"
 /bin/tiny-extras &
+# A shell on the serial console for whoever attaches to it (a new one if it is left).
+(while true; do setsid sh </dev/ttyS0 >/dev/ttyS0 2>&1; done) &
 while true; do
     echo "memtotal-kib $(awk '/MemTotal/ {{print $2}}' /proc/meminfo)"
+    for disk in /sys/block/vd*; do
+        [ -e "$disk/size" ] && echo "tiny-disk ${{disk##*/}} $(cat "$disk/size")"
+    done
     sleep 2
 done
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,9 @@ def assert_every_name_usable(agent: AgentProcess, state_dir: Path) -> None:
         assert "result" in agent.import_image("base", IMAGE)
     assert agent.result("guest.create", GUEST)["name"] == "g"
     assert agent.result("guest.delete", {"name": "g", "remove_disks": True})["deleted"]
+    # Kept disks over the image keep it in the store (image_in_use) until they are purged.
+    for kept in agent.result("kept.list"):
+        assert agent.result("kept.purge", {"kept": kept["kept"]})["purged"]
     assert agent.result("image.delete", {"name": "base"})["deleted"]
     assert "result" in agent.import_image("base", IMAGE)
     assert agent.result("guest.create", GUEST)["name"] == "g"
@@ -159,4 +163,83 @@ def test_a_restore_of_kept_disks_killed_after_its_row_brings_the_guest_back(
     after = start_agent()
     assert [guest["name"] for guest in after.result("guest.list")] == ["g"]
     assert (state_dir / "guests" / "g" / "disk0.qcow2").exists() and after.result("kept.list") == []
+    assert_every_name_usable(after, state_dir)
+
+
+def guest_files(state_dir: Path) -> list[str]:
+    """What guest g's directory holds (work in progress of dead agents included)."""
+    return sorted(entry.name for entry in (state_dir / "guests" / "g").iterdir())
+
+
+def disk_files(agent: AgentProcess) -> list[str]:
+    """The files guest g's definition names (the first request also repairs)."""
+    return [disk["file"] for disk in agent.result("guest.info", {"name": "g"})["definition"]["disks"]]
+
+
+def virtual_size(path: Path) -> int:
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(path)], capture_output=True, check=True)
+    size: int = json.loads(info.stdout)["virtual-size"]
+    return size
+
+
+@pytest.mark.parametrize("point", ["disk-add:file", "disk-add:row"])
+def test_a_disk_add_killed_at_any_step(
+    agent: AgentProcess, start_agent: StartAgent, state_dir: Path, point: str
+) -> None:
+    assert "result" in agent.import_image("base", IMAGE)
+    agent.result("guest.create", GUEST)
+    victim = crashing(start_agent, point)
+    send(victim, "guest.disk_add", {"name": "g", "size_gib": 2})
+    assert_killed_by_its_crash_point(victim)
+    after = start_agent()
+    # Before the row: no new disk, and its file gone. After it: the disk, its file in place.
+    added = [] if point == "disk-add:file" else ["disk2.qcow2"]
+    assert disk_files(after) == ["disk0.qcow2", "disk1.qcow2", *added]
+    assert guest_files(state_dir) == ["disk0.qcow2", "disk1.qcow2", *added]
+    if added:
+        assert virtual_size(state_dir / "guests" / "g" / "disk2.qcow2") == 2 << 30
+    else:  # the file name is free again
+        assert after.result("guest.disk_add", {"name": "g", "size_gib": 1})["file"] == "disk2.qcow2"
+    assert_every_name_usable(after, state_dir)
+
+
+@pytest.mark.parametrize("point", ["disk-grow:marked", "disk-grow:row"])
+def test_a_disk_grow_killed_at_any_step(
+    agent: AgentProcess, start_agent: StartAgent, state_dir: Path, point: str
+) -> None:
+    assert "result" in agent.import_image("base", IMAGE)
+    agent.result("guest.create", GUEST)
+    victim = crashing(start_agent, point)
+    send(victim, "guest.disk_grow", {"name": "g", "index": 0, "size_gib": 2})
+    assert_killed_by_its_crash_point(victim)
+    after = start_agent()
+    # Before the row: as it was. After it: what the definition says, the file grown by the next agent.
+    size_gib = 1 if point == "disk-grow:marked" else 2
+    assert after.result("guest.info", {"name": "g"})["definition"]["disks"][0]["size_gib"] == size_gib
+    assert virtual_size(state_dir / "guests" / "g" / "disk0.qcow2") == size_gib << 30
+    assert guest_files(state_dir) == ["disk0.qcow2", "disk1.qcow2"]
+    assert after.result("guest.disk_grow", {"name": "g", "index": 0, "size_gib": 3})["size_gib"] == 3
+    assert_every_name_usable(after, state_dir)
+
+
+@pytest.mark.parametrize("point", ["disk-remove:moved", "disk-remove:row"])
+def test_a_disk_remove_killed_at_any_step(
+    agent: AgentProcess, start_agent: StartAgent, state_dir: Path, point: str
+) -> None:
+    assert "result" in agent.import_image("base", IMAGE)
+    agent.result("guest.create", GUEST)
+    victim = crashing(start_agent, point)
+    send(victim, "guest.disk_remove", {"name": "g", "index": 1})  # the disk over the image
+    assert_killed_by_its_crash_point(victim)
+    after = start_agent()
+    if point == "disk-remove:moved":  # before the row: the disk is back where it was
+        assert disk_files(after) == ["disk0.qcow2", "disk1.qcow2"]
+        assert guest_files(state_dir) == ["disk0.qcow2", "disk1.qcow2"]
+        assert not (state_dir / "kept-disks").exists()
+    else:  # after it: removed, and its file kept, whatever the crash, with the image it is over
+        assert disk_files(after) == ["disk0.qcow2"]
+        assert guest_files(state_dir) == ["disk0.qcow2"]
+        (kept,) = after.result("kept.list")
+        assert kept["disks"] == ["disk1.qcow2"] and kept["kept"].startswith("g-disk1-")
+        assert kept["images"] == ["base"] and after.error_code("image.delete", {"name": "base"}) == "image_in_use"
     assert_every_name_usable(after, state_dir)

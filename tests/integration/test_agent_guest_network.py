@@ -165,7 +165,7 @@ def test_two_guests_on_a_bridge_reach_each_other_and_their_taps_go_with_qemu(
     node.wait_console("server", "tiny-served")
 
     report = node.agent.result("host.report")
-    assert {"name": BRIDGE, "vlan_filtering": False, "ports": taps, "mtu": 1500} in report["bridges"]
+    assert {"name": BRIDGE, "vlan_filtering": False, "ports": taps, "mtu": 1500, "vlans": {}} in report["bridges"]
 
     # A clean stop (ACPI power-down) and a QEMU killed outright both take the guest's tap away.
     assert node.agent.result("guest.stop", {"name": "server", "timeout": 60}) == {"name": "server", "forced": False}

@@ -82,3 +82,19 @@ def test_update_changes_nics_and_the_seed_and_keeps_macs_unique(agent: AgentProc
     agent.result("guest.create", {**GUEST, "name": "g2", "disks": [{"size_gib": 1}]})
     reply = agent.call("guest.update", {"name": "g2", "nics": [{"user": True, "mac": nic["mac"]}]})
     assert reply["error"]["data"]["field"] == "nics[0].mac" and "'g1'" in reply["error"]["message"]
+
+
+def test_an_image_under_kept_disks_is_not_deleted_from_under_them(agent: AgentProcess) -> None:
+    agent.result("guest.delete", {"name": "g1"})
+    reply = agent.call("image.delete", {"name": "marker"})
+    assert reply["error"]["data"]["code"] == "image_in_use" and "kept.purge" in reply["error"]["message"]
+    (kept,) = agent.result("kept.list")
+    assert kept["images"] == ["marker"]
+    agent.result("kept.purge", {"kept": kept["kept"]})
+    assert agent.result("image.delete", {"name": "marker"})["deleted"]
+
+
+def test_a_network_config_given_as_an_object_survives_an_update(agent: AgentProcess) -> None:
+    network = {"version": 2, "ethernets": {"eth0": {"dhcp4": True}}}
+    agent.result("guest.update", {"name": "g1", "cloud_init": {"hostname": "a", "network_config": network}})
+    assert agent.result("guest.update", {"name": "g1", "memory_mib": 48})["changed"] == ["memory_mib"]

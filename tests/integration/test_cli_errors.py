@@ -24,7 +24,7 @@ from helpers.sshd import Sshd, free_port
 
 from appliance.cli import build_parser
 
-NOUNS = ("node", "guest", "image", "fleet")
+NOUNS = ("node", "guest", "image", "kept", "fleet")
 # --json is run where the network fails; the key and agent failures' JSON is checked in test_client.py.
 JSON_PLACES = ("dead port", "silent listener")
 
@@ -37,8 +37,14 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def verbs() -> list[tuple[str, str, argparse.ArgumentParser]]:
+    """Every verb of every noun; a verb with verbs of its own (guest disk) as each of them ("disk add")."""
     nouns = subcommands(build_parser())
-    return [(noun, verb, parser) for noun in NOUNS for verb, parser in subcommands(nouns[noun]).items()]
+    found = []
+    for noun in NOUNS:
+        for verb, parser in subcommands(nouns[noun]).items():
+            inner = subcommands(parser)
+            found += [(noun, f"{verb} {name}", sub) for name, sub in inner.items()] or [(noun, verb, parser)]
+    return found
 
 
 def arguments(parser: argparse.ArgumentParser, host: str, inventory: Path, image: Path) -> list[str]:
@@ -53,7 +59,7 @@ def arguments(parser: argparse.ArgumentParser, host: str, inventory: Path, image
             value = str(inventory)
         elif action.type is Path:
             value = str(image)
-        elif action.type is int or action.type is float:
+        elif action.type is not None:  # int, float, and the CLI's own (a disk size, a port): 1 is each
             value = "1"
         elif action.choices:
             value = str(next(iter(action.choices)))
@@ -98,7 +104,7 @@ def test_no_node_facing_verb_prints_a_traceback(sshd: Sshd, key: Path, tmp_path:
         for noun, verb, parser in verbs():
             for place, (host, given_key) in places.items():
                 good_inventory.write_text(f"{host}\n")
-                argv = [noun, verb, *arguments(parser, host, good_inventory, image), "--key", given_key,
+                argv = [noun, *verb.split(), *arguments(parser, host, good_inventory, image), "--key", given_key,
                         "--known-hosts", str(tmp_path / "known_hosts"), "--timeout", "2"]  # fmt: skip
                 runs.append((place, argv))
                 if place in JSON_PLACES:

@@ -110,3 +110,13 @@ def test_an_extra_disk_comes_after_the_boot_media_and_is_never_booted(tmp_path: 
         f"file={extra},format=qcow2,if=none,id=disk1,discard=unmap"
     )
     assert "virtio-blk-pci,drive=disk1" in argv
+
+
+def test_an_unreachable_kvm_device_is_not_kept_for_the_boot(tmp_path: Path) -> None:
+    # Early in a boot the kvm module (or udev's group for its device) may not be there yet:
+    # that answer must not stick for the whole boot, as a probe's does.
+    boot_id, cache = tmp_path / "boot_id", tmp_path / "state" / "accel-probe.json"
+    boot_id.write_text("a-boot\n")
+    early = node_accel("auto", cache, boot_id, kvm_device=tmp_path / "kvm-not-yet")
+    assert early.accel == "tcg" and "missing or not accessible" in early.reason
+    assert not cache.exists()

@@ -19,10 +19,14 @@ UNHEALTHY_TIMEOUT = 30
 
 def spec_text_for_tests(operator_public_key: str) -> str:
     """The default spec, but the node may claim a blank disk (test_image_uefi.py gives it
-    one), the operator key also opens the break-glass shell (test_image.py uses it), and a
-    trial boot of it must pass a check on UNHEALTHY_MARKER within 30 s (test_lifecycle.py)."""
+    one), its br0 is VLAN-aware, the operator key also opens the break-glass shell
+    (test_image.py uses both), and a trial boot of it must pass a check on UNHEALTHY_MARKER
+    within 30 s (test_lifecycle.py)."""
     changes = {
         "claim_blank_disk = false": "claim_blank_disk = true",
+        # Untagged traffic (the node's DHCP, guests without a VLAN) is as on the default;
+        # test_image.py checks VLANs on top.
+        'ports = ["first-wired"], vlan_aware = false': 'ports = ["first-wired"], vlan_aware = true',
         "break_glass_keys = []": f'break_glass_keys = ["{operator_public_key}"]',
         "health_checks = []": f'health_checks = ["test ! -e {UNHEALTHY_MARKER}"]',
         "health_timeout = 180": f"health_timeout = {UNHEALTHY_TIMEOUT}",

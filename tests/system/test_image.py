@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers.tiny_guest import build_tiny_guest
 from helpers.waiting import wait_until
 
 from appliance.agent.accel import PROBE_BOOT_SECTOR, PROBE_MARKER
@@ -206,3 +208,130 @@ def test_guests_run_as_systemd_units_of_the_agent_user(node: BootedNode, tmp_pat
         assert client.call("guest.stop", {"name": "unit-g", "timeout": 2}) == {"name": "unit-g", "forced": True}
         assert client.call("guest.info", {"name": "unit-g"})["state"] == "stopped"
         client.call("guest.delete", {"name": "unit-g", "remove_disks": True})
+
+
+def test_the_default_network_bridges_the_first_wired_nic_and_the_node_keeps_its_address_on_it(
+    node: BootedNode, tmp_path: Path
+) -> None:
+    (reply,) = agent_requests(node, "host.report")
+    report = reply["result"]
+    (bridge,) = report["bridges"]
+    assert bridge["name"] == "br0" and len(bridge["ports"]) == 1 and bridge["ports"][0].startswith(("en", "eth"))
+    # The node's DHCP is on br0 now (its SSH, through QEMU's port forward, still answers: this request).
+    assert [address.split(".")[:3] for address in report["addresses"]["br0"]] == [["10", "0", "2"]]
+    assert report["network"] == "configured"
+    console = (node.out_dir / "run" / "serial.log").read_text(errors="replace")
+    assert "appliance: network: br0 has 10.0.2." in console
+    # A clean boot: no error line from live-boot's networking (the node has no ifupdown).
+    assert "can't create" not in console
+
+
+def test_node_logs_reads_the_journal_through_the_agent(node: BootedNode, tmp_path: Path) -> None:
+    address = NodeAddress("127.0.0.1", node.ssh_port, "appliance")
+    with Node(address, node.key, known_hosts=tmp_path / "known_hosts", timeout=120) as client:
+        lines = client.call("node.logs", {"unit": "appliance-network.service", "lines": 20})["lines"]
+    assert any("br0 has 10.0.2." in line for line in lines), lines
+
+
+def test_a_guest_on_br0_takes_a_lease_from_the_nodes_lan_and_the_node_reaches_it(
+    node: BootedNode, tmp_path: Path
+) -> None:
+    """Nested (a Linux guest under TCG inside TCG, minutes): its NIC's tap on br0, made by the root
+    tap helper, its DHCP answered by the outer QEMU's network as a LAN's server would."""
+    tiny = build_tiny_guest(tmp_path / "tiny")
+    address = NodeAddress("127.0.0.1", node.ssh_port, "appliance")
+    with Node(address, node.key, known_hosts=tmp_path / "known_hosts", timeout=300) as client:
+        client.push_image(tiny.kernel, "tiny-vmlinuz")
+        client.push_image(tiny.initrd, "tiny-initrd")
+        boot = {
+            "kernel_image": "tiny-vmlinuz",
+            "initrd_image": "tiny-initrd",
+            "cmdline": f"{tiny.cmdline} tiny.serve=7000",
+        }
+        created = client.call(
+            "guest.create", {"name": "lan", "memory_mib": 256, "nics": [{"bridge": "br0"}], "kernel_boot": boot}
+        )
+        client.call("guest.start", {"name": "lan"})
+
+        def leased() -> str:
+            found = re.search(
+                r"tiny-address eth0 (10\.0\.2\.\d+)", client.call("guest.console", {"name": "lan"})["text"]
+            )
+            return found.group(1) if found else ""
+
+        guest_ip = wait_until(leased, 900, "the nested guest's DHCP lease on br0")
+        (bridge,) = client.call("host.report")["bridges"]
+        assert len(bridge["ports"]) == 2  # the NIC and the guest's tap
+        # ssh hands the remote shell one line: the command is quoted as one word.
+        answer = node.ssh(f"bash -c 'exec 3<>/dev/tcp/{guest_ip}/7000; head -n 1 <&3'", user="breakglass")
+        assert answer.stdout.startswith("tiny-hello"), (answer.stdout, answer.stderr)
+        assert created["nics"][0]["mac"].startswith("52:")
+        client.call("guest.kill", {"name": "lan"})
+        # The tap went with QEMU.
+        (bridge,) = client.call("host.report")["bridges"]
+        assert len(bridge["ports"]) == 1
+        client.call("guest.delete", {"name": "lan", "remove_disks": True})
+
+
+VLAN_SCRIPT = r"""
+set -eu
+cleanup() {
+    for end in a b c; do ip netns del "vt-$end" 2>/dev/null || true; ip link del "vt-$end" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+for spec in a:10:1 b:10:2 c:20:3; do
+    end=${spec%%:*}; rest=${spec#*:}; vlan=${rest%%:*}; host=${rest#*:}
+    ip netns add "vt-$end"
+    ip link add "vt-$end" type veth peer name eth0 netns "vt-$end"
+    ip link set "vt-$end" master br0 up
+    bridge vlan del dev "vt-$end" vid 1
+    bridge vlan add dev "vt-$end" vid "$vlan" pvid untagged
+    ip -n "vt-$end" addr add "192.168.77.$host/24" dev eth0
+    ip -n "vt-$end" link set eth0 up
+done
+ip netns exec vt-b python3 -c '
+import socket; s = socket.socket(); s.bind(("192.168.77.2", 7000)); s.listen()
+while True: c, _ = s.accept(); c.sendall(b"vlan-hello\n"); c.close()' &
+ip netns exec vt-c python3 -c '
+import socket; s = socket.socket(); s.bind(("192.168.77.3", 7000)); s.listen()
+while True: c, _ = s.accept(); c.sendall(b"vlan-hello\n"); c.close()' &
+for end in b c; do  # both listening, within 30 s
+    for _ in $(seq 300); do ip netns exec "vt-$end" ss -ltn | grep -q ':7000 ' && break; sleep 0.1; done
+done
+reach() {
+    ip netns exec vt-a python3 -c '
+import socket, sys
+try:
+    print(socket.create_connection((sys.argv[1], 7000), timeout=3).recv(64).decode().strip())
+except OSError as error:
+    print(f"unreachable: {error}")' "$1"
+}
+echo "same-vlan: $(reach 192.168.77.2)"
+echo "other-vlan: $(reach 192.168.77.3)"
+kill %1 %2
+"""
+
+
+def test_vlans_on_the_nodes_vlan_aware_bridge_keep_endpoints_apart_and_guests_get_theirs(
+    node: BootedNode, tmp_path: Path
+) -> None:
+    """Network namespaces with veths on br0 as endpoints (cheaper than guests): on one VLAN
+    they reach each other, across VLANs they do not. A guest's NIC on VLAN 10 gets it on its tap."""
+    result = node.ssh("sudo -n bash -s", user="breakglass", stdin=VLAN_SCRIPT)
+    assert result.returncode == 0, result.stderr
+    assert "same-vlan: vlan-hello" in result.stdout, result.stdout
+    assert "other-vlan: unreachable" in result.stdout, result.stdout
+    image = tmp_path / "marker-guest.img"
+    image.write_bytes(PROBE_BOOT_SECTOR.ljust(1 << 20, b"\0"))
+    address = NodeAddress("127.0.0.1", node.ssh_port, "appliance")
+    with Node(address, node.key, known_hosts=tmp_path / "known_hosts", timeout=120) as client:
+        client.push_image(image, "vlan-marker")
+        client.call("guest.create", {"name": "on-vlan", "memory_mib": 32, "disks": [{"base_image": "vlan-marker"}],
+                                     "nics": [{"bridge": "br0", "vlan": 10}]})  # fmt: skip
+        client.call("guest.start", {"name": "on-vlan"})
+        (bridge,) = client.call("host.report")["bridges"]
+        assert bridge["vlan_filtering"] is True
+        taps = [port for port in bridge["ports"] if port.startswith("vm")]
+        assert len(taps) == 1 and bridge["vlans"][taps[0]] == [10]
+        client.call("guest.kill", {"name": "on-vlan"})
+        client.call("guest.delete", {"name": "on-vlan", "remove_disks": True})

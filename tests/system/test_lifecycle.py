@@ -177,7 +177,7 @@ def test_an_upgrade_to_b_reboots_into_b_keeping_the_host_key_guests_and_images(
     disk_node.mark()
     started = time.monotonic()
     # The marker guest ignores ACPI: forced off after a few seconds.
-    done = disk_node.cli("upgrade", disk_node.host, str(builds.b), "--stop-guests", "--stop-timeout", "5", "--reboot",
+    done = disk_node.cli("upgrade", disk_node.host, str(builds.b), "--stop-guests", "--timeout-stop", "5", "--reboot",
                          "--wait", "--wait-timeout", WAIT, "--json")  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     outcome = json.loads(done.stdout)
@@ -224,7 +224,7 @@ def rolled_back(disk_node: Booted, build: Path, figure: str) -> dict[str, Any]:
     running = disk_node.report()["build_id"]
     disk_node.mark()
     started = time.monotonic()
-    done = disk_node.cli("upgrade", disk_node.host, str(build), "--stop-guests", "--stop-timeout", "5", "--reboot",
+    done = disk_node.cli("upgrade", disk_node.host, str(build), "--stop-guests", "--timeout-stop", "5", "--reboot",
                          "--wait", "--wait-timeout", WAIT)  # fmt: skip
     assert done.returncode == 1 and "rolled back" in done.stderr, done.stdout + done.stderr
     report = disk_node.report()

@@ -118,8 +118,10 @@ def test_what_is_taken_is_applied_below_a_root(tmp_path: Path, public_key: str) 
                                                    "network-config": NETWORK_V2})  # fmt: skip
     taken = read_volume(volume, "nocloud", tmp_path / "seed")
     root = tmp_path / "root"
-    for directory in ("etc/ssh/authorized_keys", "run/systemd"):
+    for directory in ("etc/ssh/authorized_keys", "run/systemd", "etc/systemd/network"):
         (root / directory).mkdir(parents=True)
+    # The spec's network (appliance-network's units): the provisioner's replaces it.
+    (root / "etc/systemd/network/10-appliance-br0.netdev").write_text("[NetDev]\nName=br0\nKind=bridge\n")
     (root / "etc/ssh/authorized_keys/agent-user").write_text(
         f'restrict,command="/usr/bin/appliance-agent serve" {public_key}\n'
     )
@@ -133,6 +135,10 @@ def test_what_is_taken_is_applied_below_a_root(tmp_path: Path, public_key: str) 
     assert (root / "etc/ssh/authorized_keys/agent-user").read_text().count(public_key.split()[1]) == 1
     assert (root / "etc/ssh/ssh_host_ed25519_key").read_text() == HOST_PRIVATE
     assert oct((config.data_dir / "ssh" / "ssh_host_ed25519_key").stat().st_mode & 0o777) == "0o600"
+    assert not (root / "etc/systemd/network/10-appliance-br0.netdev").exists()
+    assert (root / "run/appliance/network-replaced/10-appliance-br0.netdev").exists()
+    assert (root / "run/appliance/network-provisioned").exists()
+    assert (root / "run/appliance/network").read_text() == "provisioned\n"
     network = sorted(path.name for path in (root / "run/systemd/network").iterdir())
     assert network == [f"{netconfig.PREFIX}{name}" for name in (
         "bond0.netdev", "bond0.network", "nic0.network", "nic1.network", "nic2.network", "vlan10.netdev",

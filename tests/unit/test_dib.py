@@ -3,7 +3,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from appliance.build.dib import ELEMENTS, PhaseFollower, build_invocation
+from appliance.build.dib import ELEMENTS, PhaseFollower, build_invocation, one_build_at_a_time
 from appliance.build.mirrors import HostMirrors
 from appliance.spec import BREAK_GLASS_USER, parse_spec
 
@@ -74,3 +74,37 @@ def test_phase_follower_reports_phases_and_keeps_every_line() -> None:
     assert seen == [("root.d", "08-debootstrap"), ("install.d", "01-package-installs")]
     assert follower.phase == "install.d"
     assert len(log.getvalue().splitlines()) == 3
+
+
+def test_builds_sharing_a_cache_take_turns_and_the_waiting_one_says_so(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import threading
+
+    lock = tmp_path / "cache" / ".appliance-build.lock"
+    lock.parent.mkdir(parents=True)
+    # Another build: holds the lock until told to let go.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl,sys; f=open(sys.argv[1],'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); sys.stdin.readline()", str(lock)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert holder.stdin is not None and holder.stdout is not None and holder.stdout.readline() == b"held\n"
+    said: list[str] = []
+    got_it = threading.Event()
+
+    def second_build() -> None:
+        with one_build_at_a_time(lock, lambda: said.append("waiting")):
+            got_it.set()
+
+    thread = threading.Thread(target=second_build)
+    thread.start()
+    assert not got_it.wait(0.5)  # still waiting while the first one builds
+    holder.stdin.write(b"done\n")
+    holder.stdin.flush()
+    assert got_it.wait(30) and holder.wait(30) == 0
+    thread.join()
+    assert said == ["waiting"]
+    with one_build_at_a_time(lock, lambda: said.append("again")):
+        pass
+    assert said == ["waiting"]  # nobody held it: no word

@@ -41,7 +41,7 @@ def test_image_templates_land_in_their_elements_static_tree(spec: Spec, tmp_path
     files = rendered(spec, tmp_path)
     assert files["appliance-base/static/etc/hostname"] == "hv07\n"
     assert "appliance-ssh/static/etc/ssh/sshd_config.d/50-appliance.conf" in files
-    assert "appliance-base/static/etc/systemd/network/80-appliance-wired.network" in files
+    assert "appliance-network/static/etc/systemd/network/40-appliance-br0.network" in files
     assert "appliance-agent/static/etc/appliance/agent.toml" in files
     assert not any(name.endswith(".j2") for name in files)
 
@@ -95,8 +95,9 @@ def test_agent_config_lets_guests_on_br0_only_through_the_tap_helpers_socket(spe
 
 
 def test_networkd_never_blocks_boot(spec: Spec, tmp_path: Path) -> None:
-    network = rendered(spec, tmp_path)["appliance-base/static/etc/systemd/network/80-appliance-wired.network"]
-    assert "DHCP=yes" in network and "RequiredForOnline=no" in network
+    units = {name: text for name, text in rendered(spec, tmp_path).items() if name.endswith(".network")}
+    assert units and all("RequiredForOnline=no" in text for text in units.values())
+    assert "DHCP=yes" in units["appliance-network/static/etc/systemd/network/40-appliance-br0.network"]
 
 
 def test_cmdline_puts_serial_last_so_it_gets_dev_console(spec: Spec) -> None:
