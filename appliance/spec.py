@@ -27,6 +27,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from appliance.agent.lifecycle_config import MAX_CHECK_LENGTH as MAX_HEALTH_CHECK_LENGTH
+from appliance.agent.lifecycle_config import MAX_CHECKS as MAX_HEALTH_CHECKS
+from appliance.agent.lifecycle_config import MAX_HEALTH_TIMEOUT
 from appliance.agent.policy import LIMITS, Policy, read_policy
 from appliance.errors import UsageError
 from appliance.network import (
@@ -215,6 +218,21 @@ def network_parser(parse: Callable[[object, str, ProblemSink], Any]) -> Parser:
     return adapted
 
 
+def health_checks(value: object, path: str, problems: list[Problem]) -> tuple[str, ...]:
+    """Commands a trial boot must pass: one line each, run with /bin/sh on the node."""
+    if not isinstance(value, list) or len(value) > MAX_HEALTH_CHECKS:
+        problems.append(Problem(path, value, f"a list of at most {MAX_HEALTH_CHECKS} commands"))
+        return ()
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip() or "\n" in item or len(item) > MAX_HEALTH_CHECK_LENGTH:
+            problems.append(
+                Problem(
+                    f"{path}[{index}]", item, f"a command on one line, at most {MAX_HEALTH_CHECK_LENGTH} characters"
+                )
+            )
+    return tuple(value)
+
+
 # Every key of appliance.toml but [policy] (LIMITS in appliance/agent/policy.py), in the order
 # they are read: problems are reported, and known keys listed, in this order.
 SETTINGS = (
@@ -273,9 +291,16 @@ SETTINGS = (
     Setting("network", "bridges", Network().bridges, network_parser(parse_bridges)),
     Setting("network", "bonds", (), network_parser(parse_bonds)),
     Setting("network", "management", Management(), network_parser(parse_management)),
+    Setting("upgrade", "health_checks", (), health_checks),
+    Setting(
+        "upgrade",
+        "health_timeout",
+        180,
+        whole_number(10, MAX_HEALTH_TIMEOUT, f"a whole number of seconds from 10 to {MAX_HEALTH_TIMEOUT}"),
+    ),
 )
 # The tables below the top level, in the order they are read.
-TABLES = ("kernel", "console", "ssh", "mirrors", "policy", "storage", "network")
+TABLES = ("kernel", "console", "ssh", "mirrors", "policy", "storage", "network", "upgrade")
 _DEFAULTS: dict[str, Any] = {setting.path: setting.default for setting in SETTINGS}
 
 
@@ -313,6 +338,14 @@ class Storage:
 
 
 @dataclass(frozen=True)
+class Upgrade:
+    """What a trial boot of a new build must pass, and by when, before its slot becomes the default."""
+
+    health_checks: tuple[str, ...] = _DEFAULTS["upgrade.health_checks"]
+    health_timeout: int = _DEFAULTS["upgrade.health_timeout"]
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str = _DEFAULTS["name"]
     release: str = _DEFAULTS["release"]
@@ -327,6 +360,7 @@ class Spec:
     policy: Policy = field(default_factory=Policy)
     storage: Storage = field(default_factory=Storage)
     network: Network = field(default_factory=Network)
+    upgrade: Upgrade = field(default_factory=Upgrade)
 
     def with_extra_keys(self, keys: tuple[str, ...]) -> Spec:
         """This spec with operator keys added on top of its own (duplicates dropped)."""
@@ -396,8 +430,17 @@ def _read_spec(data: dict[str, Any], problems: list[Problem]) -> Spec:
     storage = Storage(**_read_subtable(data, "storage", problems))
     network = Network(**_read_subtable(data, "network", problems))
     check_network(network, lambda key, value, allowed: problems.append(Problem(key, value, allowed)))
+    upgrade = Upgrade(**_read_subtable(data, "upgrade", problems))
     return Spec(
-        **top, **kernel, console=console, ssh=ssh, mirrors=mirrors, policy=policy, storage=storage, network=network
+        **top,
+        **kernel,
+        console=console,
+        ssh=ssh,
+        mirrors=mirrors,
+        policy=policy,
+        storage=storage,
+        network=network,
+        upgrade=upgrade,
     )
 
 

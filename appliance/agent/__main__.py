@@ -1,6 +1,7 @@
 """Command line of the node agent.
 
-`appliance-agent serve|report|ready|autostart|powerdown-guest|tap-helper|launch-guest`
+`appliance-agent serve|report|ready|autostart|powerdown-guest|tap-helper|launch-guest`, and as root at boot
+`lifecycle-boot|firstboot|install`, and per connection `lifecycle-helper`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from appliance.agent import launch, taps
+from appliance.agent import launch, lifecycle, taps
 from appliance.agent.accel import AccelChoice, node_accel
 from appliance.agent.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from appliance.agent.guests import Hypervisor, powerdown_guest, start_autostart_guests
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     launcher.add_argument("plan", help="what to make, as JSON (written by the agent)")
     launcher.add_argument("qemu", nargs=argparse.REMAINDER, help="-- and QEMU's command line")
+    lifecycle.add_verbs(verbs)
     return parser
 
 
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return taps.main(config.network)
     if args.verb == "launch-guest":
         return launch.main(args.plan, args.qemu)
+    if args.verb in lifecycle.VERBS:
+        return lifecycle.main(args)
     accel = node_accel(os.environ.get("APPLIANCE_ACCEL") or config.accel, state_dir / ACCEL_CACHE_NAME)
     if args.verb in ("serve", "autostart", "powerdown-guest"):
         manager = find_user_manager()

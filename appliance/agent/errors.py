@@ -40,6 +40,16 @@ class ErrorCode(StrEnum):
     POLICY_MEMORY = "policy_memory"
     POLICY_CPU = "policy_cpu"
     POLICY_STORAGE = "policy_storage"
+    # The node's own life: installs, upgrades, rollbacks (appliance.agent.slots, install).
+    NOT_INSTALLED = "not_installed"
+    BUILD_REFUSED = "build_refused"
+    SLOT_TOO_SMALL = "slot_too_small"
+    UPGRADE_CONFLICT = "upgrade_conflict"
+    NO_ROLLBACK = "no_rollback"
+    NO_SPACE = "no_space"
+    GUESTS_RUNNING = "guests_running"
+    DISK_REFUSED = "disk_refused"
+    HELPER_UNAVAILABLE = "helper_unavailable"
     # What the node could not do.
     QMP_FAILED = "qmp_failed"
     TOOL_FAILED = "tool_failed"

@@ -25,8 +25,8 @@ from appliance.agent.errors import AgentError, ErrorCode
 
 PROTOCOL_VERSION = 1
 MAX_LINE_BYTES = 1 << 20
-# The one method whose request line is followed by raw data (size_bytes of it).
-UPLOAD_METHOD = "image.import"
+# The methods whose request line is followed by raw data (size_bytes of it): an image, an upgrade's file.
+UPLOAD_METHODS = ("image.import", "upgrade.send")
 # The methods whose result line is followed by a raw relay until the connection ends (a migration's
 # streams and files among them: streams.py).
 RELAY_METHODS = (
@@ -75,19 +75,20 @@ def decode_json(line: bytes) -> Any:
 
 
 def announced_upload(line: bytes) -> tuple[bool, int | None]:
-    """Whether a request line announces raw data after it (image.import), and how many bytes.
+    """Whether a request line announces raw data after it (UPLOAD_METHODS), and how many bytes.
 
     Asked of lines the request parser refused: their data must be skipped
     (size known) or the connection ended (size unknown), never read as
     requests. A line that does not parse but names the method counts as an
     upload of unknown size.
     """
+    named = any(method.encode() in line for method in UPLOAD_METHODS)
     try:
         message = decode_json(line)
     except AgentError:
-        return UPLOAD_METHOD.encode() in line, None
-    if not isinstance(message, dict) or message.get("method") != UPLOAD_METHOD:
-        return UPLOAD_METHOD.encode() in line, None
+        return named, None
+    if not isinstance(message, dict) or message.get("method") not in UPLOAD_METHODS:
+        return named, None
     params = message.get("params")
     size = params.get("size_bytes") if isinstance(params, dict) else None
     if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
@@ -132,6 +133,11 @@ def parse_request(line: bytes) -> Request:
 
 def result_message(request_id: int | str | None, result: Any) -> bytes:
     return _encode({"jsonrpc": "2.0", "id": request_id, "result": result})
+
+
+def notification_message(method: str, params: dict[str, Any]) -> bytes:
+    """A message with no id, which needs no answer: progress ahead of a long method's result."""
+    return _encode({"jsonrpc": "2.0", "method": method, "params": params})
 
 
 def error_message(request_id: int | str | None, error: AgentError) -> bytes:

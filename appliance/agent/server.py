@@ -26,9 +26,11 @@ from appliance.agent import (
     migration,
     node,
     streams,
+    upgrade,
 )
 from appliance.agent.errors import AgentError, ErrorCode
 from appliance.agent.host import collect_report
+from appliance.agent.lifecycle_config import LifecycleConfig, LifecycleConfigError, load_lifecycle_config
 from appliance.agent.model import (
     CPU_FIELDS,
     MAX_DISK_GIB,
@@ -44,6 +46,7 @@ from appliance.agent.protocol import (
     announced_relay,
     announced_upload,
     error_message,
+    notification_message,
     parse_request,
     read_line,
     result_message,
@@ -64,6 +67,21 @@ class ServerContext:
         self.requests: BinaryIO | None = None
         # Guests this connection is moving, held across its requests until it ends.
         self.migrations = migration.Sessions()
+        # The reply stream, for methods that send progress notifications before their answer.
+        self.replies: BinaryIO | None = None
+
+    def notify(self, text: str) -> None:
+        """A JSON-RPC notification (no id) ahead of the answer: `progress` with a line of text."""
+        if self.replies is not None:
+            self.replies.write(notification_message("progress", {"text": text}))
+            self.replies.flush()
+
+    @property
+    def lifecycle(self) -> LifecycleConfig:
+        try:
+            return load_lifecycle_config()
+        except LifecycleConfigError as error:
+            raise AgentError(ErrorCode.INTERNAL_ERROR, str(error)) from error
 
     @property
     def store(self) -> Store:
@@ -101,7 +119,12 @@ def host_report(context: ServerContext, params: dict[str, Any]) -> dict[str, obj
         "usable": accel.accel == "kvm",
         "detail": report.kvm.detail if accel.accel == "kvm" else accel.reason,
     }
-    return {**report.to_json(), "kvm": kvm, **guests.resources_report(context.host, context.store)}
+    return {
+        **report.to_json(),
+        "kvm": kvm,
+        **guests.resources_report(context.host, context.store),
+        **upgrade.lifecycle_report(context.lifecycle),
+    }
 
 
 def guest_name(params: dict[str, Any], extra: set[str] | None = None) -> str:
@@ -281,6 +304,45 @@ def skip_bytes(stream: BinaryIO, count: int) -> None:
         count -= len(chunk)
 
 
+def running_guests(context: ServerContext) -> list[str]:
+    return upgrade.running_guests(lambda: guests.list_guests(context.host, context.store))
+
+
+def upgrade_prepare(context: ServerContext, params: dict[str, Any]) -> Any:
+    return upgrade.prepare(context.lifecycle, params, running_guests(context))
+
+
+def upgrade_send(context: ServerContext, params: dict[str, Any]) -> Any:
+    """The request line is followed by exactly size_bytes of one of the new build's files."""
+    assert context.requests is not None
+    return upgrade.send_file(context.lifecycle, params, context.requests)
+
+
+def upgrade_commit(context: ServerContext, params: dict[str, Any]) -> Any:
+    no_params(params)
+    return upgrade.Helper(context.lifecycle.helper_socket).call("commit")
+
+
+def upgrade_rollback(context: ServerContext, params: dict[str, Any]) -> Any:
+    no_params(params)
+    return upgrade.Helper(context.lifecycle.helper_socket).call("rollback")
+
+
+def node_disks(context: ServerContext, params: dict[str, Any]) -> Any:
+    no_params(params)
+    return upgrade.Helper(context.lifecycle.helper_socket).call("disks")
+
+
+def node_install(context: ServerContext, params: dict[str, Any]) -> Any:
+    check_fields(params, {"disk", "wipe"}, "params")
+    disk = params.get("disk")
+    if not isinstance(disk, str) or not disk.startswith("/dev/"):
+        raise AgentError(ErrorCode.INVALID_PARAMS, "disk must be a device such as /dev/sda", {"field": "disk"})
+    upgrade.refuse_running_guests(running_guests(context), "an install", "")
+    helper = upgrade.Helper(context.lifecycle.helper_socket)
+    return helper.call("install", {"disk": disk, "wipe": flag(params, "wipe")}, context.notify)
+
+
 def image_list(context: ServerContext, params: dict[str, Any]) -> Any:
     no_params(params)
     return images.list_images(context.host, context.store)
@@ -315,6 +377,12 @@ METHODS: dict[str, Method] = {
     "node.reboot": node_power("reboot"),
     "node.shutdown": node_power("shutdown"),
     "node.logs": node_logs,
+    "node.disks": node_disks,
+    "node.install": node_install,
+    "upgrade.prepare": upgrade_prepare,
+    "upgrade.send": upgrade_send,
+    "upgrade.commit": upgrade_commit,
+    "upgrade.rollback": upgrade_rollback,
     "guest.pause": qmp_verb("stop"),
     "guest.resume": qmp_verb("cont"),
     "guest.delete": guest_delete,
@@ -394,6 +462,7 @@ def serve(context: ServerContext, requests: BinaryIO, replies: BinaryIO) -> None
 
 def serve_requests(context: ServerContext, requests: BinaryIO, replies: BinaryIO) -> None:
     context.requests = requests
+    context.replies = replies
     while True:
         try:
             line = read_line(requests)

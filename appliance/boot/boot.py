@@ -57,6 +57,7 @@ class BootRequest:
     fresh_disk: bool = False
     extra_disk_gib: int = 0  # 0: none; else a second disk, blank when made, kept like the first
     ssh_port: int | None = None  # None: the last boot's (DIR/run/ssh-port) if free, else any free one
+    seed: Path | None = None  # a volume attached read-only: the provisioner's cidata or config-2
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,10 @@ def boot(request: BootRequest, say: TextIO = sys.stdout) -> BootResult:
         firmware=request.firmware,
         media_kind=request.media,
         extra_disk=extra_disk,
+        seed=request.seed,
     )
+    if request.seed is not None and not request.seed.is_file():
+        raise QemuError(f"--seed {request.seed}: no such file")
     try:
         vm, seconds = start_and_wait(request, config, paths, say, user)
     finally:

@@ -94,6 +94,9 @@ class BootConfig:
     firmware: str = "bios"  # or "uefi"
     media_kind: str = "iso"  # or "disk", "pxe"
     extra_disk: Path | None = None  # a qcow2 attached after the boot media, never booted from
+    seed: Path | None = None  # a raw volume attached read-only after it: a cidata or config-2 volume
+    # A hardware watchdog, as servers have: systemd on the node keeps it, and a hung node resets.
+    watchdog: bool = True
 
 
 def make_qcow2(image: Path, size_bytes: int, what: str, backing_raw: Path | None = None) -> None:
@@ -167,6 +170,8 @@ def qemu_argv(config: BootConfig, paths: VmPaths) -> list[str]:
         "-device",
         "virtio-rng-pci",
     ]
+    if config.watchdog:
+        argv += ["-device", "i6300esb"]
     if config.firmware == "uefi":
         code, variables = find_ovmf()
         own_vars = paths.directory / "OVMF_VARS.fd"
@@ -181,7 +186,18 @@ def qemu_argv(config: BootConfig, paths: VmPaths) -> list[str]:
 
 
 def media_argv(config: BootConfig) -> list[str]:
-    return boot_media_argv(config) + extra_disk_argv(config)
+    return boot_media_argv(config) + extra_disk_argv(config) + seed_argv(config)
+
+
+def seed_argv(config: BootConfig) -> list[str]:
+    if config.seed is None:
+        return []
+    return [
+        "-drive",
+        f"file={config.seed},format=raw,if=none,id=seed,readonly=on",
+        "-device",
+        "virtio-blk-pci,drive=seed",
+    ]
 
 
 def extra_disk_argv(config: BootConfig) -> list[str]:

@@ -28,8 +28,11 @@ ELEMENTS = (
     "appliance-network",
     "appliance-ssh",
     "appliance-data",
+    "appliance-lifecycle",
     "appliance-live",
 )
+# The Debian architecture every build is for (written into slots' build.json, checked by upgrades).
+ARCH = "amd64"
 PHASE_LINE = re.compile(r"dib-run-parts Running \S*/(?P<phase>[a-z0-9-]+\.d)/(?P<script>\S+)$")
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "image-create"
 
@@ -86,7 +89,7 @@ def build_invocation(
     base_env: dict[str, str] | None = None,
 ) -> DibInvocation:
     """The exact disk-image-create command and environment for `spec`."""
-    argv = [dib_executable(), "-a", "amd64", "-t", "squashfs", "-o", str(output_prefix)]
+    argv = [dib_executable(), "-a", ARCH, "-t", "squashfs", "-o", str(output_prefix)]
     if spec.packages:
         argv += ["-p", ",".join(spec.packages)]
     argv += ELEMENTS

@@ -15,11 +15,12 @@ from importlib import metadata
 from pathlib import Path
 
 from appliance import __version__
-from appliance.build.dib import DEFAULT_CACHE_DIR, build_invocation, run_dib
+from appliance.agent.disklayout import BUILD_INFO_FILE, DISK_BOOT_DIR, LIVE_DIR, build_info_text
+from appliance.build.dib import ARCH, DEFAULT_CACHE_DIR, build_invocation, run_dib
 from appliance.build.layout import AGENT_DIR, ELEMENTS_DIR, TEMPLATES_DIR
 from appliance.build.mirrors import host_mirrors
 from appliance.build.pack.budget import check_budget
-from appliance.build.pack.disk import make_disk
+from appliance.build.pack.disk import live_build_info, make_disk, make_disk_boot_files
 from appliance.build.pack.iso import make_iso
 from appliance.build.pack.live import collect_live_set
 from appliance.build.pack.pxe import make_ipxe
@@ -125,13 +126,20 @@ def build(spec: Spec, out_dir: Path, progress: Progress, cache_dir: Path = DEFAU
     with progress.step("pack boot artifacts"):
         live = collect_live_set(invocation.squashfs, invocation.kernel, invocation.initrd, staged, spec.name)
         made = [live.kernel, live.initrd, live.squashfs]
+        if {Output.ISO, Output.DISK} & set(spec.outputs):
+            # The disk image boots with these, and the ISO carries them for `node install`.
+            boot_files = make_disk_boot_files(spec, identity, work / "disk-boot")
         if Output.ISO in spec.outputs:
-            iso = make_iso(live, render_boot_file("grub.cfg", spec, identity), staged / f"{spec.name}.iso", spec.name)
-            made.append(iso)
+            info = work / BUILD_INFO_FILE
+            info.write_text(build_info_text(live_build_info(live, spec, identity, ARCH)))
+            extra = {f"{LIVE_DIR}/{BUILD_INFO_FILE}": info}
+            extra |= {f"{DISK_BOOT_DIR}/{name}": path for name, path in boot_files.by_name().items()}
+            iso_path = staged / f"{spec.name}.iso"
+            made.append(make_iso(live, render_boot_file("grub.cfg", spec, identity), iso_path, spec.name, extra))
         if Output.PXE in spec.outputs:
             made.append(make_ipxe(live, spec, identity, staged))
         if Output.DISK in spec.outputs:
-            disk = make_disk(live, spec, identity, staged)
+            disk = make_disk(live, spec, identity, staged, boot_files, ARCH)
             made += [disk.raw, disk.qcow2]
         artifacts = describe_artifacts(made)
         check_budget(artifacts, spec.size_budget_mb)

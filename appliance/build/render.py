@@ -3,8 +3,8 @@
 Pure: reads templates and writes only below the directory it is given, so it
 is testable without a build. templates/image/ELEMENT/PATH.j2 becomes
 ELEMENT/static/PATH in the elements directory handed to DIB; templates/boot/
-holds the boot loader files the packer needs, templates/disk/ the disk image's
-partition table.
+holds the boot loader files the packer needs. (The disk's partition table is
+data, written by appliance.agent.disklayout, which the node uses too.)
 """
 
 from __future__ import annotations
@@ -187,8 +187,3 @@ def render_boot_file(
         **(values or {}),
     }
     return _environment(templates_dir).get_template(f"boot/{name}.j2").render(context)
-
-
-def render_disk_file(name: str, values: Mapping[str, object], templates_dir: Path = TEMPLATES_DIR) -> str:
-    """Render templates/disk/NAME.j2 (the partition table) from the packer's layout."""
-    return _environment(templates_dir).get_template(f"disk/{name}.j2").render(values)

@@ -11,6 +11,7 @@ import json
 import sys
 
 from appliance import __version__
+from appliance.cli.lifecycle import add_lifecycle_verbs
 from appliance.cli.local import add_local_verbs
 from appliance.cli.nodes import add_node_verbs
 from appliance.cli.output import error_json
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     add_local_verbs(verbs)
     add_node_verbs(verbs)
+    add_lifecycle_verbs(verbs)
     return parser
 
 

@@ -124,6 +124,13 @@ def add_local_verbs(verbs: Verbs) -> None:
         help="port on 127.0.0.1 forwarded to the node's SSH (default: the last boot's while free, else any)",
     )
     boot_cmd.add_argument(
+        "--seed",
+        type=Path,
+        metavar="FILE",
+        help="attach FILE read-only as another disk: a cidata (NoCloud) or config-2 (ConfigDrive) volume "
+        "the node takes its host name, keys and network from at boot",
+    )
+    boot_cmd.add_argument(
         "--fresh-disk",
         action="store_true",
         help="start from the image again, dropping the node's data (and empty the extra disk)",
@@ -237,6 +244,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         fresh_disk=args.fresh_disk,
         extra_disk_gib=args.extra_disk,
         ssh_port=args.ssh_port,
+        seed=args.seed,
     )
     result = boot(request)
     if args.wait:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.cli.lifecycle import add_fleet_upgrade_verb, add_install_verbs
 from appliance.cli.migrate import add_migration_verbs
 from appliance.cli.output import as_json, format_fields, format_table, human_time
 from appliance.cli.parsing import (
@@ -183,8 +184,9 @@ VERBS = (
 )
 
 NOUNS = {
-    "node": ("a node: its report, journal, reboot and power-off",
-             "  appliance node report node1\n  appliance node logs node1 --unit ssh.service --lines 50"),
+    "node": ("a node: its report, journal, reboot and power-off; disks and install (from the ISO)",
+             "  appliance node report node1\n  appliance node logs node1 --unit ssh.service --lines 50\n"
+             "  appliance node install node1 --disk /dev/sda"),
     "guest": ("guests on a node",
               "  appliance image push node1 debian-13.qcow2\n"
               "  appliance guest create node1 web --memory 1024 --disk image=debian-13.qcow2 --nic user \\\n"
@@ -227,6 +229,7 @@ def add_node_verbs(verbs: Verbs) -> None:
     push.add_argument("file", type=Path)
     push.add_argument("--name", help="name in the store (default: the file name)")
     push.set_defaults(run=cmd_image_push)
+    add_install_verbs(subparsers["node"])
     add_fleet_verbs(verbs)
 
 
@@ -500,6 +503,7 @@ def add_fleet_verbs(verbs: Verbs) -> None:
         )
         add_key_options(parser, timeout=30.0)
         parser.set_defaults(run=cmd_fleet)
+    add_fleet_upgrade_verb(fleet_verbs)
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:

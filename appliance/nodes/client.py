@@ -339,16 +339,24 @@ class Node:
             self._transport.close()
         self._transport = self._channel = None
 
-    def call(self, method: str, params: dict[str, Any] | None = None, *, idempotent: bool = False) -> Any:
-        """One request on the open channel. Idempotent reads are retried once on a lost connection."""
+    def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        idempotent: bool = False,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Any:
+        """One request on the open channel. Idempotent reads are retried once on a lost connection.
+        ON_PROGRESS hears the `progress` notifications a long method sends before its answer."""
         try:
-            return self._call_once(method, params)
+            return self._call_once(method, params, on_progress=on_progress)
         except ConnectionLostError:
             if not idempotent:
                 raise
             self.close()
             self.connect()
-            return self._call_once(method, params)
+            return self._call_once(method, params, on_progress=on_progress)
 
     def check_push(self, path: Path, name: str) -> None:
         """Whether push_image can go ahead, before a byte is read: the file, the name, and whether the
@@ -367,14 +375,23 @@ class Node:
         if not checked:
             self.check_push(path, name)
         try:
-            size = path.stat().st_size
             digest = hashlib.sha256()
             with path.open("rb") as source:
                 for block in iter(lambda: source.read(CHUNK), b""):
                     digest.update(block)
         except OSError as error:
             raise ImageFileError(f"cannot read {path}: {error.strerror}") from error
-        params = {"name": name, "size_bytes": size, "sha256": digest.hexdigest()}
+        return self.upload("image.import", {"name": name, "sha256": digest.hexdigest()}, path, progress)
+
+    def upload(
+        self, method: str, params: dict[str, Any], path: Path, progress: Callable[[int, int], None] | None = None
+    ) -> Any:
+        """A request whose line is followed by the file's bytes (image.import, upgrade.send); its size is
+        added to the params as size_bytes."""
+        try:
+            size = path.stat().st_size
+        except OSError as error:
+            raise ImageFileError(f"cannot read {path}: {error.strerror}") from error
 
         def send_data(channel: paramiko.Channel) -> None:
             sent = 0
@@ -385,7 +402,7 @@ class Node:
                     if progress:
                         progress(sent, size)
 
-        return self._call_once("image.import", params, send_data)
+        return self._call_once(method, {**params, "size_bytes": size}, send_data)
 
     def import_image_from(
         self,
@@ -435,13 +452,17 @@ class Node:
         return Relay(channel, result, early)
 
     def _call_once(
-        self, method: str, params: dict[str, Any] | None, send_data: Callable[[paramiko.Channel], None] | None = None
+        self,
+        method: str,
+        params: dict[str, Any] | None,
+        send_data: Callable[[paramiko.Channel], None] | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> Any:
         if self._channel is None:
             self.connect()
         assert self._channel is not None
         try:
-            result, self._buffer = self._exchange(self._channel, self._buffer, method, params, send_data)
+            result, self._buffer = self._exchange(self._channel, self._buffer, method, params, send_data, on_progress)
         except ConnectionLostError:
             self.close()
             raise
@@ -454,6 +475,7 @@ class Node:
         method: str,
         params: dict[str, Any] | None,
         send_data: Callable[[paramiko.Channel], None] | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> tuple[Any, bytes]:
         """One request on `channel` (with what it already buffered): the result, and what came after its reply."""
         request_id = next(self._ids)
@@ -464,6 +486,12 @@ class Node:
                 send_data(channel)
             line, buffer = read_line(channel, buffer)
             reply = json.loads(line)
+            # Notifications (no id) come ahead of the answer: progress of a long method.
+            while isinstance(reply, dict) and "id" not in reply and "method" in reply:
+                if on_progress and reply.get("method") == "progress":
+                    on_progress(reply.get("params") or {})
+                line, buffer = read_line(channel, buffer)
+                reply = json.loads(line)
         except TimeoutError as error:
             raise NodeTimeoutError(f"{method}: no answer within {self.timeout:g}s") from error
         except (OSError, paramiko.SSHException, EOFError) as error:

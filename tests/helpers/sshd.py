@@ -23,14 +23,24 @@ def free_port() -> int:
 class Sshd:
     """sshd -D on a free port; operator keys forced to this repository's agent."""
 
-    def __init__(self, directory: Path, operator_public_key: str, state_dir: Path, extra_config: str = "") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        operator_public_key: str,
+        state_dir: Path,
+        extra_config: str = "",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """ENV: more environment for the agent (sshd gives it none of its own)."""
         directory.mkdir(parents=True, exist_ok=True)
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
         self.directory = directory
         self.port = free_port()
         self.host_key = make_key(directory, "host_key")
+        variables = " ".join(shlex.quote(f"{name}={value}") for name, value in (env or {}).items())
         agent = (
-            f"cd {shlex.quote(str(REPO))} && exec {shlex.quote(sys.executable)} -m appliance.agent "
+            f"cd {shlex.quote(str(REPO))} && exec {'env ' + variables + ' ' if variables else ''}"
+            f"{shlex.quote(sys.executable)} -m appliance.agent "
             f"--config /nonexistent --state-dir {shlex.quote(str(state_dir))} serve"
         )
         escaped = agent.replace("\\", "\\\\").replace('"', '\\"')

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers.agent_process import AgentProcess, StartAgent
 
-from appliance.agent.protocol import MAX_LINE_BYTES
+from appliance.agent.protocol import MAX_LINE_BYTES, UPLOAD_METHODS
 
 
 def test_hello_names_protocol_version_and_methods(agent: AgentProcess) -> None:
@@ -76,11 +76,14 @@ REFUSED_UPLOADS = {
 }
 
 
+@pytest.mark.parametrize("method", UPLOAD_METHODS)
 @pytest.mark.parametrize("envelope", REFUSED_UPLOADS.values(), ids=REFUSED_UPLOADS.keys())
 def test_a_refused_upload_never_has_its_data_read_as_requests(
-    agent: AgentProcess, start_agent: StartAgent, envelope: dict[str, object]
+    agent: AgentProcess, start_agent: StartAgent, envelope: dict[str, object], method: str
 ) -> None:
-    request = {"jsonrpc": "2.0", "id": 1, "method": "image.import", **envelope}
+    request = {"jsonrpc": "2.0", "id": 1, "method": method, **envelope}
+    if envelope.get("method") == ["image.import"]:
+        request["method"] = [method]
     assert agent.process.stdin and agent.process.stdout
     agent.process.stdin.write(json.dumps(request).encode() + b"\n" + SMUGGLED)
     agent.process.stdin.flush()
@@ -95,11 +98,12 @@ def test_a_refused_upload_never_has_its_data_read_as_requests(
     assert start_agent().result("guest.list") == []
 
 
+@pytest.mark.parametrize("method", UPLOAD_METHODS)
 def test_a_refused_line_that_names_the_upload_method_but_cannot_be_read_ends_the_connection(
-    agent: AgentProcess, start_agent: StartAgent
+    agent: AgentProcess, start_agent: StartAgent, method: str
 ) -> None:
     assert agent.process.stdin and agent.process.stdout
-    agent.process.stdin.write(b'{"method": "image.import", "params": {"size_bytes": 1 \n' + SMUGGLED)
+    agent.process.stdin.write(b'{"method": "' + method.encode() + b'", "params": {"size_bytes": 1 \n' + SMUGGLED)
     agent.process.stdin.flush()
     assert json.loads(agent.process.stdout.readline())["error"]["data"]["code"] == "parse_error"
     assert agent.process.stdout.readline() == b""  # ended, the data unread

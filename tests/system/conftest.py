@@ -11,17 +11,25 @@ import pytest
 
 from appliance.spec import default_spec_text
 
+# An operator health check that fails while this file is on the node's data partition:
+# test_lifecycle.py upgrades to this build with it there, for a trial that never gets healthy.
+UNHEALTHY_MARKER = "/var/lib/appliance-data/unhealthy"
+UNHEALTHY_TIMEOUT = 30
+
 
 def spec_text_for_tests(operator_public_key: str) -> str:
     """The default spec, but the node may claim a blank disk (test_image_uefi.py gives it
-    one), its br0 is VLAN-aware, and the operator key also opens the break-glass shell
-    (test_image.py uses both)."""
+    one), its br0 is VLAN-aware, the operator key also opens the break-glass shell
+    (test_image.py uses both), and a trial boot of it must pass a check on UNHEALTHY_MARKER
+    within 30 s (test_lifecycle.py)."""
     changes = {
         "claim_blank_disk = false": "claim_blank_disk = true",
         # Untagged traffic (the node's DHCP, guests without a VLAN) is as on the default;
         # test_image.py checks VLANs on top.
         'ports = ["first-wired"], vlan_aware = false': 'ports = ["first-wired"], vlan_aware = true',
         "break_glass_keys = []": f'break_glass_keys = ["{operator_public_key}"]',
+        "health_checks = []": f'health_checks = ["test ! -e {UNHEALTHY_MARKER}"]',
+        "health_timeout = 180": f"health_timeout = {UNHEALTHY_TIMEOUT}",
     }
     text = default_spec_text()
     for default, wanted in changes.items():

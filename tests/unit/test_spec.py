@@ -73,7 +73,7 @@ def test_unknown_keys_are_refused_with_the_known_ones() -> None:
         parse_spec('colour = "blue"\n[console]\nspeed = 1\n[policy]\nguests = 3', "t")
     assert [str(problem) for problem in caught.value.problems] == [
         "colour = 'blue': unknown key; known keys here: name, release, hostname, packages, outputs, "
-        "size_budget_mb, kernel, console, ssh, mirrors, policy, storage, network",
+        "size_budget_mb, kernel, console, ssh, mirrors, policy, storage, network, upgrade",
         "console.speed = 1: unknown key; known keys here: serial, vga, serial_port, baud",
         "policy.guests = 3: unknown key; known keys here: reserved_memory_mib, memory_overcommit, "
         "cpu_overcommit, max_guests, disk_overcommit",

@@ -2,9 +2,13 @@
 
   1  bios            GRUB's i386-pc core.img (BIOS boot; boot.img sits in sector 0)
   2  esp             vfat: EFI/BOOT/BOOTX64.EFI, grub/grub.cfg, grub/grubenv
-  3  appliance-a     ext4 root slot A: live/filesystem.squashfs, live/vmlinuz, live/initrd.img
-  4  appliance-b     ext4 root slot B, same size, empty: an upgrade writes it, then flips grubenv
+  3  appliance-a     ext4 root slot A: live/filesystem.squashfs, live/vmlinuz, live/initrd.img,
+                     live/boot.cfg (the build's kernel command line, for GRUB), live/build.json
+  4  appliance-b     ext4 root slot B, same size, empty: an upgrade writes it, then arms a trial of it
   5  appliance-data  ext4, small; the node grows it to the end of its disk at boot
+
+The layout and the slot's files are appliance.agent.disklayout's, which the
+node uses too when it installs itself on a disk from the ISO.
 
 Everything is assembled in one sparse file: sfdisk writes the partition table,
 mkfs.vfat and mke2fs format each partition in place at its offset (mke2fs -d
@@ -15,55 +19,67 @@ block device. No loop device, device-mapper or mount is needed.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.agent.disklayout import (
+    BIOS_BOOT_BYTES,
+    BOOT_CFG_FILE,
+    BOOT_IMG,
+    BUILD_INFO_FILE,
+    CORE_IMG,
+    DATA_BYTES,
+    DATA_LABEL,
+    DATA_TYPE,
+    EFI_IMG,
+    ESP_BYTES,
+    ESP_LABEL,
+    ESP_TYPE,
+    GRUB_CFG,
+    GRUBENV_SLOT,
+    GRUBENV_TRIAL,
+    INITRD_FILE,
+    KERNEL_FILE,
+    LINUX_TYPE,
+    SECTOR,
+    SLOT_ALIGN,
+    SLOT_LABELS,
+    SLOT_LETTERS,
+    SQUASHFS_FILE,
+    DiskLayout,
+    LayoutError,
+    MiB,
+    Partition,
+    boot_cfg,
+    build_info,
+    build_info_text,
+    esp_serial,
+    grub_fs_uuid,
+    partition_uuid,
+    plan_layout,
+    round_up,
+    sfdisk_script,
+    slot_size,
+)
+from appliance.agent.disklayout import patch_boot_sector as _patch_boot_sector
+from appliance.agent.disklayout import patch_core_blocklist as _patch_core_blocklist
 from appliance.build.pack.live import LiveSet, PackError
-from appliance.build.render import BuildIdentity, render_boot_file, render_disk_file
+from appliance.build.render import BuildIdentity, kernel_cmdline, render_boot_file
+from appliance.manifest import sha256_of
 from appliance.run import run, tool
 from appliance.spec import Spec
 
-SECTOR = 512
-MiB = 1 << 20
+# Names the packer's callers and tests use; the layout itself lives in appliance.agent.disklayout.
+__all__ = [
+    "DATA_BYTES", "DATA_LABEL", "DATA_TYPE", "ESP_BYTES", "ESP_LABEL", "ESP_TYPE", "GRUBENV_SLOT", "LINUX_TYPE",
+    "SECTOR", "SLOT_LABELS", "SLOT_LETTERS", "DiskBootFiles", "DiskImages", "DiskLayout", "MiB", "Partition",
+    "esp_serial", "grub_fs_uuid", "grub_values", "make_disk", "make_disk_boot_files", "partition_table_script",
+    "partition_uuid", "patch_boot_sector", "patch_core_blocklist", "plan_layout", "round_up", "slot_size",
+]  # fmt: skip
+
 GRUB_DIR = Path("/usr/lib/grub")
-
-BIOS_BOOT_TYPE = "21686148-6449-6E6F-744E-656564454649"
-ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
-LINUX_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
-# A type of our own: the node's systemd-repart matches partitions by type, and
-# with the slots' generic Linux type it would take slot A for the data partition.
-# elements/appliance-data/static/usr/lib/appliance/repart.d/50-data.conf names it too.
-DATA_TYPE = "A2D5BDB4-D4D3-5922-90FE-93CCD2F7B268"
-# Partition UUIDs are uuid5(this, "BUILD_ID/NAME").
-PARTITION_UUID_NAMESPACE = uuid.UUID("5d0c4f4e-7a0b-4c49-9d43-1f3b7ad1a9e2")
-
-SLOT_LABELS = ("appliance-a", "appliance-b")
-SLOT_LETTERS = ("a", "b")
-DATA_LABEL = "appliance-data"
-ESP_LABEL = "APPLIANCE"
-GRUBENV_SLOT = "appliance_slot"
-
-BIOS_BOOT_BYTES = 1 * MiB
-ESP_BYTES = 64 * MiB
-DATA_BYTES = 64 * MiB
-SLOT_ALIGN = 64 * MiB
-# Room for ext4's own metadata and journal around the slot's files.
-SLOT_OVERHEAD = 1.1
-
-# GRUB's boot.img (sector 0). It may own the MBR's code area only: the BIOS
-# parameter block it jumps over and the protective MBR from 0x1B8 on stay.
-BOOT_CODE_END = 0x1B8
-BPB_START, BPB_END = 0x03, 0x5A
-KERNEL_SECTOR = 0x5C  # u64 LBA of core.img's first sector
-DRIVE_CHECK = 0x66  # a jmp that trusts the BIOS's drive number; NOPs on hard disks, as grub-bios-setup does
-# core.img's first sector (diskboot.img) ends with a blocklist entry: u64 LBA,
-# u16 sector count, u16 segment, for the rest of core.img.
-BLOCKLIST_SIZE = 12
-CORE_REST_SEGMENT = 0x820
 
 GRUB_MODULES = (
     "part_gpt", "fat", "ext2", "search", "search_fs_uuid", "normal", "configfile",
@@ -74,99 +90,43 @@ EFI_MODULES = ("efi_gop",)
 
 
 @dataclass(frozen=True)
-class Partition:
-    number: int
-    name: str  # GPT name; the file systems carry it as their label too
-    type_uuid: str
-    start: int  # bytes
-    size: int  # bytes
-    uuid: str  # GPT partition UUID, unique to the build (partition_uuid)
-
-    @property
-    def start_lba(self) -> int:
-        return self.start // SECTOR
-
-    @property
-    def size_lba(self) -> int:
-        return self.size // SECTOR
-
-    @property
-    def end(self) -> int:
-        return self.start + self.size
-
-
-@dataclass(frozen=True)
-class DiskLayout:
-    partitions: tuple[Partition, ...]
-    size: int  # bytes, the backup GPT included
-
-    def partition(self, name: str) -> Partition:
-        for partition in self.partitions:
-            if partition.name == name:
-                return partition
-        raise KeyError(name)
-
-
-@dataclass(frozen=True)
 class DiskImages:
     raw: Path
     qcow2: Path
     layout: DiskLayout
 
 
-def round_up(value: int, step: int) -> int:
-    return -(-value // step) * step
+@dataclass(frozen=True)
+class DiskBootFiles:
+    """What boots a disk of this build: the same bytes for NAME.raw and for a disk the node installs
+    itself on from the ISO (which carries them in appliance/disk/). Everything in them follows from
+    the build id (the ESP's serial, the slots' partition UUIDs) and the fixed BIOS boot partition."""
 
+    core_img: Path  # its blocklist patched for the BIOS boot partition at 1 MiB
+    boot_img: Path
+    efi: Path
+    grub_cfg: Path
 
-def slot_size(content_bytes: int, budget_bytes: int, kernel_and_initrd_bytes: int) -> int:
-    """Bytes for each root slot: room for any later build that keeps to the size budget
-    (a squashfs up to the budget, with a kernel and initrd like this build's), so an
-    upgrade fits into the other slot; never less than this build's own files."""
-    wanted = max(budget_bytes + kernel_and_initrd_bytes, content_bytes)
-    return round_up(int(wanted * SLOT_OVERHEAD), SLOT_ALIGN)
-
-
-def partition_uuid(build_id: str, name: str) -> str:
-    """A partition's GPT UUID, derived from the build: the same image flashed twice has the
-    same, another build never does, so the kernel can be told which slot to boot by it."""
-    return str(uuid.uuid5(PARTITION_UUID_NAMESPACE, f"{build_id}/{name}"))
-
-
-def plan_layout(slot_bytes: int, build_id: str, esp_bytes: int = ESP_BYTES, data_bytes: int = DATA_BYTES) -> DiskLayout:
-    """Partitions in order from 1 MiB on, each aligned to 1 MiB; 1 MiB spare at the end
-    holds the backup GPT."""
-    wanted = (
-        ("bios", BIOS_BOOT_TYPE, BIOS_BOOT_BYTES),
-        ("esp", ESP_TYPE, esp_bytes),
-        (SLOT_LABELS[0], LINUX_TYPE, slot_bytes),
-        (SLOT_LABELS[1], LINUX_TYPE, slot_bytes),
-        (DATA_LABEL, DATA_TYPE, data_bytes),
-    )
-    partitions = []
-    start = MiB
-    for number, (name, type_uuid, size) in enumerate(wanted, start=1):
-        if size % MiB:
-            raise ValueError(f"partition {name} is {size} bytes, not a whole number of MiB")
-        partitions.append(Partition(number, name, type_uuid, start, size, partition_uuid(build_id, name)))
-        start += size
-    return DiskLayout(partitions=tuple(partitions), size=start + MiB)
+    def by_name(self) -> dict[str, Path]:
+        return {CORE_IMG: self.core_img, BOOT_IMG: self.boot_img, EFI_IMG: self.efi, GRUB_CFG: self.grub_cfg}
 
 
 def partition_table_script(layout: DiskLayout, name: str) -> str:
-    return render_disk_file(
-        "partitions.sfdisk", {"name": name, "first_lba": MiB // SECTOR, "partitions": layout.partitions}
-    )
+    return sfdisk_script(layout, name)
 
 
-def esp_serial(build_id: str) -> str:
-    """The ESP's vfat volume serial as 8 hex digits: unique to the build, so GRUB finds
-    this disk's ESP even when another disk carries an older appliance."""
-    return hashlib.sha256(build_id.encode()).hexdigest()[:8].upper()
+def patch_boot_sector(current: bytes, boot_img: bytes, core_lba: int) -> bytes:
+    try:
+        return _patch_boot_sector(current, boot_img, core_lba)
+    except LayoutError as error:
+        raise PackError(str(error)) from error
 
 
-def grub_fs_uuid(serial: str) -> str:
-    """How GRUB names a vfat serial: XXXX-XXXX."""
-    return f"{serial[:4]}-{serial[4:]}"
+def patch_core_blocklist(core: bytes, core_lba: int) -> bytes:
+    try:
+        return _patch_core_blocklist(core, core_lba)
+    except LayoutError as error:
+        raise PackError(str(error)) from error
 
 
 def grub_values(layout: DiskLayout, serial: str) -> dict[str, object]:
@@ -177,33 +137,6 @@ def grub_values(layout: DiskLayout, serial: str) -> dict[str, object]:
         for letter, label in zip(SLOT_LETTERS, SLOT_LABELS, strict=True)
     ]
     return {"esp_uuid": grub_fs_uuid(serial), "slots": slots}
-
-
-def patch_boot_sector(current: bytes, boot_img: bytes, core_lba: int) -> bytes:
-    """Sector 0 with GRUB's boot.img in its code area, pointed at core.img."""
-    if len(current) != SECTOR or len(boot_img) != SECTOR:
-        raise PackError(f"a boot sector is {SECTOR} bytes (got {len(current)} and {len(boot_img)})")
-    sector = bytearray(current)
-    sector[:BOOT_CODE_END] = boot_img[:BOOT_CODE_END]
-    sector[BPB_START:BPB_END] = current[BPB_START:BPB_END]
-    sector[KERNEL_SECTOR : KERNEL_SECTOR + 8] = core_lba.to_bytes(8, "little")
-    sector[DRIVE_CHECK : DRIVE_CHECK + 2] = b"\x90\x90"
-    return bytes(sector)
-
-
-def patch_core_blocklist(core: bytes, core_lba: int) -> bytes:
-    """core.img padded to whole sectors, its first sector told where the rest lies."""
-    sectors = round_up(len(core), SECTOR) // SECTOR
-    if sectors < 2:
-        raise PackError(f"core.img is {len(core)} bytes; GRUB's is always more than one sector")
-    padded = bytearray(core.ljust(sectors * SECTOR, b"\0"))
-    entry = (
-        (core_lba + 1).to_bytes(8, "little")
-        + (sectors - 1).to_bytes(2, "little")
-        + CORE_REST_SEGMENT.to_bytes(2, "little")
-    )
-    padded[SECTOR - BLOCKLIST_SIZE : SECTOR] = entry
-    return bytes(padded)
 
 
 def write_at(image: Path, offset: int, data: bytes) -> None:
@@ -247,15 +180,57 @@ def mtools_env() -> dict[str, str]:
     return {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
 
 
-def make_disk(live: LiveSet, spec: Spec, identity: BuildIdentity, out_dir: Path) -> DiskImages:
+def slot_tree(live: LiveSet, spec: Spec, identity: BuildIdentity, arch: str, tree: Path) -> None:
+    """A root slot's files, hard-linked into TREE/live (the tree sits next to the artifacts): the
+    live set, boot.cfg with the build's kernel command line, and build.json."""
+    live_dir = tree / "live"
+    live_dir.mkdir(parents=True)
+    for source, inside in zip(live.files(), (SQUASHFS_FILE, KERNEL_FILE, INITRD_FILE), strict=True):
+        os.link(source, live_dir / inside)
+    cmdline = kernel_cmdline(spec)
+    (live_dir / BOOT_CFG_FILE).write_text(boot_cfg(cmdline, identity.build_id))
+    (live_dir / BUILD_INFO_FILE).write_text(build_info_text(live_build_info(live, spec, identity, arch)))
+
+
+def live_build_info(live: LiveSet, spec: Spec, identity: BuildIdentity, arch: str) -> dict[str, object]:
+    """build.json of the live set, for a slot and for the ISO's live/ (where `node install` reads it)."""
+    files = {
+        inside: (source.stat().st_size, sha256_of(source))
+        for source, inside in zip(live.files(), (SQUASHFS_FILE, KERNEL_FILE, INITRD_FILE), strict=True)
+    }
+    return build_info(spec.name, identity.build_id, arch, kernel_cmdline(spec), files)
+
+
+def make_disk_boot_files(spec: Spec, identity: BuildIdentity, work: Path) -> DiskBootFiles:
+    """GRUB's images and menu for this build's disk, made into WORK."""
+    work.mkdir(parents=True, exist_ok=True)
+    # Only partition numbers and UUIDs reach the menu, and neither depends on the slots' size.
+    values = grub_values(plan_layout(SLOT_ALIGN, identity.build_id), esp_serial(identity.build_id))
+    early = work / "early.cfg"
+    early.write_text(render_boot_file("disk-early.cfg", spec, identity, values=values))
+    grub_cfg = work / GRUB_CFG
+    grub_cfg.write_text(render_boot_file("disk-grub.cfg", spec, identity, values=values))
+    efi = work / EFI_IMG
+    grub_mkimage("x86_64-efi", EFI_MODULES, early, efi)
+    core = grub_mkimage("i386-pc", BIOS_MODULES, early, work / "core.unpatched.img")
+    if len(core) > BIOS_BOOT_BYTES:
+        raise PackError(f"GRUB's core.img is {len(core)} bytes, larger than the BIOS boot partition")
+    core_img = work / CORE_IMG
+    core_img.write_bytes(patch_core_blocklist(core, BIOS_BOOT_BYTES // SECTOR))
+    boot_img = work / BOOT_IMG
+    boot_img.write_bytes((GRUB_DIR / "i386-pc" / "boot.img").read_bytes())
+    return DiskBootFiles(core_img=core_img, boot_img=boot_img, efi=efi, grub_cfg=grub_cfg)
+
+
+def make_disk(
+    live: LiveSet, spec: Spec, identity: BuildIdentity, out_dir: Path, boot: DiskBootFiles, arch: str
+) -> DiskImages:
     raw = out_dir / f"{spec.name}.raw"
     qcow2 = out_dir / f"{spec.name}.qcow2"
-    files = (live.squashfs, live.kernel, live.initrd)
-    content = sum(path.stat().st_size for path in files)
+    content = sum(path.stat().st_size for path in live.files())
     slot = slot_size(content, spec.size_budget_mb * 1_000_000, live.kernel.stat().st_size + live.initrd.stat().st_size)
     layout = plan_layout(slot, identity.build_id)
     serial = esp_serial(identity.build_id)
-    values = grub_values(layout, serial)
 
     raw.unlink(missing_ok=True)
     with raw.open("wb") as stream:
@@ -265,10 +240,7 @@ def make_disk(live: LiveSet, spec: Spec, identity: BuildIdentity, out_dir: Path)
 
     with tempfile.TemporaryDirectory(prefix="appliance-disk-", dir=out_dir) as work_name:
         work = Path(work_name)
-        # Slot A's tree, hard-linked: the work directory sits next to the artifacts.
-        (work / "slot" / "live").mkdir(parents=True)
-        for source, inside in zip(files, ("filesystem.squashfs", "vmlinuz", "initrd.img"), strict=True):
-            os.link(source, work / "slot" / "live" / inside)
+        slot_tree(live, spec, identity, arch, work / "slot")
         format_ext4(raw, layout.partition(SLOT_LABELS[0]), "largefile", work / "slot")
         format_ext4(raw, layout.partition(SLOT_LABELS[1]), "largefile")
         format_ext4(raw, layout.partition(DATA_LABEL), "default")
@@ -278,28 +250,20 @@ def make_disk(live: LiveSet, spec: Spec, identity: BuildIdentity, out_dir: Path)
         # would leave too few for FAT32 in 64 MiB.
         run([tool("mkfs.vfat"), "--offset", str(esp.start_lba), "-F", "32", "-s", "1", "-n", ESP_LABEL, "-i", serial,
              str(raw), str(esp.size // 1024)])  # fmt: skip
-        early = work / "early.cfg"
-        early.write_text(render_boot_file("disk-early.cfg", spec, identity, values=values))
-        (work / "grub.cfg").write_text(render_boot_file("disk-grub.cfg", spec, identity, values=values))
         grubenv = work / "grubenv"
         run(["grub-editenv", str(grubenv), "create"])
-        run(["grub-editenv", str(grubenv), "set", f"{GRUBENV_SLOT}=a"])
-        grub_mkimage("x86_64-efi", EFI_MODULES, early, work / "BOOTX64.EFI")
+        run(["grub-editenv", str(grubenv), "set", f"{GRUBENV_SLOT}=a", f"{GRUBENV_TRIAL}="])
         target = f"{raw}@@{esp.start}"
         env = mtools_env()
         run(["mmd", "-i", target, "::/EFI", "::/EFI/BOOT", "::/grub"], env=env)
-        run(["mcopy", "-i", target, str(work / "BOOTX64.EFI"), "::/EFI/BOOT/BOOTX64.EFI"], env=env)
-        run(["mcopy", "-i", target, str(work / "grub.cfg"), str(grubenv), "::/grub/"], env=env)
+        run(["mcopy", "-i", target, str(boot.efi), "::/EFI/BOOT/BOOTX64.EFI"], env=env)
+        run(["mcopy", "-i", target, str(boot.grub_cfg), str(grubenv), "::/grub/"], env=env)
 
         bios = layout.partition("bios")
-        core = grub_mkimage("i386-pc", BIOS_MODULES, early, work / "core.img")
-        if len(core) > bios.size:
-            raise PackError(f"GRUB's core.img is {len(core)} bytes, larger than the BIOS boot partition")
-        write_at(raw, bios.start, patch_core_blocklist(core, bios.start_lba))
+        write_at(raw, bios.start, boot.core_img.read_bytes())
         with raw.open("rb") as stream:
             sector0 = stream.read(SECTOR)
-        boot_img = (GRUB_DIR / "i386-pc" / "boot.img").read_bytes()
-        write_at(raw, 0, patch_boot_sector(sector0, boot_img, bios.start_lba))
+        write_at(raw, 0, patch_boot_sector(sector0, boot.boot_img.read_bytes(), bios.start_lba))
 
     run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)])
     raw.chmod(0o644)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from appliance.build.pack.live import LiveSet
@@ -24,7 +25,9 @@ def volume_id(name: str) -> str:
     return name.upper().replace("-", "_")[:32]
 
 
-def make_iso(live: LiveSet, grub_cfg: str, iso_path: Path, name: str) -> Path:
+def make_iso(live: LiveSet, grub_cfg: str, iso_path: Path, name: str, extra: Mapping[str, Path] | None = None) -> Path:
+    """EXTRA: more files for the tree, by path inside it (what `node install` reads from the medium:
+    live/build.json and the disk's boot loader in appliance/disk/)."""
     with tempfile.TemporaryDirectory(prefix="appliance-iso-", dir=iso_path.parent) as staging_name:
         staging = Path(staging_name)
         (staging / "boot" / "grub").mkdir(parents=True)
@@ -33,6 +36,9 @@ def make_iso(live: LiveSet, grub_cfg: str, iso_path: Path, name: str) -> Path:
         # Hard links: the staging tree sits next to the artifacts, so the
         # squashfs is not copied.
         for source, inside in ((live.squashfs, ISO_SQUASHFS), (live.kernel, ISO_KERNEL), (live.initrd, ISO_INITRD)):
+            os.link(source, staging / inside)
+        for inside, source in (extra or {}).items():
+            (staging / inside).parent.mkdir(parents=True, exist_ok=True)
             os.link(source, staging / inside)
         run(
             [

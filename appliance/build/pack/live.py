@@ -15,6 +15,10 @@ class LiveSet:
     kernel: Path
     initrd: Path
 
+    def files(self) -> tuple[Path, Path, Path]:
+        """Squashfs, kernel, initrd: the order the ISO and the disk's slots list them in."""
+        return (self.squashfs, self.kernel, self.initrd)
+
 
 class PackError(ApplianceError):
     """An artifact could not be made from the build result."""
