@@ -63,6 +63,17 @@ class Package:
 
 
 @dataclass(frozen=True)
+class RootBase:
+    """The root image a build used (appliance.build.base): its cache key, when DIB made it and in
+    how long, and whether this build reused it from the cache instead of running DIB."""
+
+    key: str
+    built: str
+    dib_seconds: float
+    reused: bool
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     build_id: str
@@ -76,6 +87,7 @@ class Manifest:
     build_seconds: float
     artifacts: tuple[Artifact, ...]
     packages: tuple[Package, ...]
+    base: RootBase | None = None
     # Where it was loaded from (not written to the file).
     directory: Path | None = None
 
@@ -137,7 +149,20 @@ def manifest_from_json(data: dict[str, Any], directory: Path | None) -> Manifest
             Package(name=str(entry["name"]), version=str(entry["version"]), arch=str(entry["arch"]))
             for entry in data.get("packages", [])
         ),
+        base=root_base_from_json(data.get("base")),
         directory=directory,
+    )
+
+
+def root_base_from_json(data: Any) -> RootBase | None:
+    """A manifest's base, or None for a build made before bases were kept."""
+    if not isinstance(data, dict):
+        return None
+    return RootBase(
+        key=str(data["key"]),
+        built=str(data.get("built", "")),
+        dib_seconds=float(data.get("dib_seconds", 0.0)),
+        reused=bool(data.get("reused", False)),
     )
 
 

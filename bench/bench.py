@@ -25,11 +25,13 @@ REPO = BENCH_DIR.parent
 # The test helpers (a loopback sshd, the agent on pipes, the tiny guest) serve the bench as they are.
 sys.path.insert(1, str(REPO / "tests"))
 
-from boots import TITLE_BOOT, TITLE_MEMORY, measure_boots  # noqa: E402
+from boots import CPUS, MEMORY_MB, TITLE_BOOT, TITLE_MEMORY, measure_boots  # noqa: E402
 from bridged_start import TITLE as BRIDGED_TITLE  # noqa: E402
 from bridged_start import measure_bridged_start  # noqa: E402
 from builds import TITLE_BUILDS, TITLE_SIZES, measure_builds, measure_sizes  # noqa: E402
 from figures import Section  # noqa: E402
+from floor import TITLE as FLOOR_TITLE  # noqa: E402
+from floor import Floor, measure_floor  # noqa: E402
 from guest_start import TITLE as GUESTS_TITLE  # noqa: E402
 from guest_start import measure_guest_starts  # noqa: E402
 from helpers.tiny_guest import build_tiny_guest  # noqa: E402
@@ -40,11 +42,15 @@ from machine import Machine, describe_machine, load_average  # noqa: E402
 from migration import TITLE as MIGRATION_TITLE  # noqa: E402
 from migration import measure_migrations  # noqa: E402
 from round_trips import RoundTrips  # noqa: E402
+from targets import target_rows  # noqa: E402
 
 from appliance.agent.accel import AccelChoice  # noqa: E402
+from appliance.build.dib import DEFAULT_CACHE_DIR  # noqa: E402
 from appliance.progress import Progress  # noqa: E402
 
-SECTIONS = ("sizes", "builds", "boot", "roundtrip", "guests", "libvirt", "bridged", "fleet", "load", "migration")
+SECTIONS = (
+    "floor", "sizes", "builds", "boot", "roundtrip", "guests", "libvirt", "bridged", "fleet", "load", "migration",
+)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,7 +63,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--key", type=Path, help="operator private key of --build-dir's build")
     parser.add_argument("--work-dir", type=Path, help="scratch space (default: a new directory in /var/tmp)")
     parser.add_argument("--keep-work", action="store_true", help="keep the scratch space (builds, logs) afterwards")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
+                        help="the warm builds' cache (default: %(default)s)")  # fmt: skip
     parser.add_argument("--build-runs", type=int, default=1, help="runs of each build kind (default: %(default)s)")
+    parser.add_argument("--floor-runs", type=int, default=3, help="boots of the floor guest (default: %(default)s)")
     parser.add_argument("--boot-runs", type=int, default=2, help="boots per media (default: %(default)s)")
     parser.add_argument("--boot-timeout", type=float, default=600.0, help="seconds per boot (default: %(default)s)")
     parser.add_argument("--guest-runs", type=int, default=5, help="guest starts each way (default: %(default)s)")
@@ -114,7 +123,7 @@ def build_sections(args: argparse.Namespace, work: Path, progress: Progress) -> 
         build_dir, key = None, Path()
     else:
         try:
-            builds, build_dir, key = measure_builds(work, progress, args.build_runs)
+            builds, build_dir, key = measure_builds(work, progress, args.build_runs, args.cache_dir)
         except Exception as error:  # reported in full, as guarded() does; the sections without a build go on
             traceback.print_exc()
             builds = Section("builds", TITLE_BUILDS, status="failed", reason=f"{type(error).__name__}: {error}")
@@ -151,10 +160,35 @@ def bridged_section(work: Path, progress: Progress, runs: int) -> Section:
     return measure_bridged_start(work, progress, guest, runs)
 
 
+def floor_section(
+    args: argparse.Namespace, work: Path, progress: Progress, accel: AccelChoice
+) -> tuple[Section, Floor | None]:
+    if "floor" in args.skip:
+        return skipped("floor", FLOOR_TITLE, "--skip floor"), None
+    try:
+        return measure_floor(work, progress, accel, MEMORY_MB, CPUS, args.floor_runs)
+    except Exception as error:  # reported in full, as guarded() does; the targets go without floors
+        traceback.print_exc()
+        return Section("floor", FLOOR_TITLE, status="failed", reason=f"{type(error).__name__}: {error}"), None
+
+
 def run_sections(
     args: argparse.Namespace, work: Path, progress: Progress, accel: AccelChoice, sections: list[Section]
 ) -> None:
-    """Appends each section as it is measured: on Ctrl-C the ones done are still reported."""
+    """Appends each section as it is measured: on Ctrl-C the ones done are still reported. The
+    targets (9) are read from the others, last; the floor (0) is measured first, so that both
+    run under the same conditions as near in time as the builds allow."""
+    floor_done, floor = floor_section(args, work, progress, accel)
+    sections.append(floor_done)
+    try:
+        measure_the_rest(args, work, progress, accel, sections)
+    finally:
+        sections.append(target_rows({section.key: section for section in sections}, floor))
+
+
+def measure_the_rest(
+    args: argparse.Namespace, work: Path, progress: Progress, accel: AccelChoice, sections: list[Section]
+) -> None:
     built, build_dir, key = build_sections(args, work, progress)
     sections += built
     booted, node_trips = boot_sections(args, work, progress, accel, build_dir, key)

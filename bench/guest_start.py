@@ -19,7 +19,7 @@ from typing import Any
 from figures import Section, mebibytes, median_text, summary
 from helpers.agent_process import AgentProcess
 from helpers.tiny_guest import TINY_GUEST_MARKER, TinyGuest, build_tiny_guest
-from libvirt_peer import RunningDaemon, destroy, domain_xml, ensure_packages, libvirt_daemons, virsh
+from libvirt_peer import RunningDaemon, destroy, domain_xml, ensure_packages, libvirt_daemons, state_of, virsh
 
 from appliance.agent.host import read_rss
 from appliance.progress import Progress
@@ -182,12 +182,16 @@ def timed_virsh_version() -> float:
 
 
 def add_daemon_rows(section: Section, daemons: list[RunningDaemon], rss: int, noop: list[float]) -> None:
+    state = state_of(daemons)
+    section.data["libvirt_state"] = state
+    section.reason = state
     section.add("virsh version (client start + connect, no guest)", median_text(noop), "what every virsh call pays")
     names = " + ".join(daemon.name for daemon in daemons)
     section.add(f"{names} RSS", mebibytes(rss), "resident all the time")
     section.data["virsh_noop"] = summary(noop)
     if statistics.median(noop) > SLOW_VIRSH_SECONDS:
-        section.reason = section.data["libvirt_note"] = LIBVIRT_NOTE
+        section.data["libvirt_note"] = LIBVIRT_NOTE
+        section.reason = f"{state}; {LIBVIRT_NOTE}"
     section.data["libvirt_daemons_rss_bytes"] = rss
 
 

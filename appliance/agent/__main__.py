@@ -12,14 +12,14 @@ import os
 import sys
 from pathlib import Path
 
-from appliance.agent import launch, lifecycle, taps
+from appliance.agent import lifecycle
 from appliance.agent.accel import AccelChoice, node_accel
-from appliance.agent.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
-from appliance.agent.guests import Hypervisor, powerdown_guest, start_autostart_guests
+from appliance.agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, load_config
 from appliance.agent.host import collect_report
-from appliance.agent.server import ServerContext, serve
-from appliance.agent.supervisors import ProcessSupervisor, Supervisor, SystemdSupervisor
-from appliance.agent.units import find_user_manager
+
+# Each verb imports what it runs, no more: `ready` runs at boot, where every module
+# imported costs time on a slow (emulated) CPU, and it needs neither the server nor
+# the guests.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +77,37 @@ def ready_line(marker: str, build_info_path: Path, accel: AccelChoice) -> str:
     return f"{marker} host={report.hostname} build={report.build_id} kernel={report.kernel} accel={accel.accel}"
 
 
+def run_hypervisor(args: argparse.Namespace, config: AgentConfig, state_dir: Path, accel: AccelChoice) -> int:
+    """serve, autostart and powerdown-guest: the verbs that work on guests."""
+    from appliance.agent.guests import Hypervisor, powerdown_guest, start_autostart_guests
+    from appliance.agent.server import ServerContext, serve
+    from appliance.agent.supervisors import ProcessSupervisor, Supervisor, SystemdSupervisor
+    from appliance.agent.units import find_user_manager
+
+    manager = find_user_manager()
+    supervisor: Supervisor = (
+        SystemdSupervisor(manager, own_command(args.config, state_dir)) if manager else ProcessSupervisor()
+    )
+    hypervisor = Hypervisor(
+        state_dir=state_dir,
+        accel=accel,
+        policy=config.policy,
+        supervisor=supervisor,
+        network=config.network,
+        agent_command=own_command(args.config, state_dir),
+    )
+    context = ServerContext(hypervisor, config.build_info_path)
+    if args.verb == "serve":
+        serve(context, sys.stdin.buffer, sys.stdout.buffer)
+    elif args.verb == "autostart":
+        results = start_autostart_guests(context.host, context.store)
+        print(json.dumps(results))
+        return 1 if any("error" in result for result in results) else 0
+    else:
+        print(powerdown_guest(context.host, args.name))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -89,35 +120,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(collect_report(config.build_info_path).to_json(), indent=2, sort_keys=True))
         return 0
     if args.verb == "tap-helper":
+        from appliance.agent import taps
+
         return taps.main(config.network)
     if args.verb == "launch-guest":
+        from appliance.agent import launch
+
         return launch.main(args.plan, args.qemu)
     if args.verb in lifecycle.VERBS:
         return lifecycle.main(args)
     accel = node_accel(os.environ.get("APPLIANCE_ACCEL") or config.accel, state_dir / ACCEL_CACHE_NAME)
     if args.verb in ("serve", "autostart", "powerdown-guest"):
-        manager = find_user_manager()
-        supervisor: Supervisor = (
-            SystemdSupervisor(manager, own_command(args.config, state_dir)) if manager else ProcessSupervisor()
-        )
-        hypervisor = Hypervisor(
-            state_dir=state_dir,
-            accel=accel,
-            policy=config.policy,
-            supervisor=supervisor,
-            network=config.network,
-            agent_command=own_command(args.config, state_dir),
-        )
-        context = ServerContext(hypervisor, config.build_info_path)
-        if args.verb == "serve":
-            serve(context, sys.stdin.buffer, sys.stdout.buffer)
-        elif args.verb == "autostart":
-            results = start_autostart_guests(context.host, context.store)
-            print(json.dumps(results))
-            return 1 if any("error" in result for result in results) else 0
-        else:
-            print(powerdown_guest(context.host, args.name))
-        return 0
+        return run_hypervisor(args, config, state_dir, accel)
     line = ready_line(config.ready_marker, config.build_info_path, accel)
     if args.console is None:
         print(line)

@@ -14,8 +14,6 @@ import sys
 from contextlib import suppress
 from pathlib import Path
 
-from appliance.agent import firstboot, install, lifecycle_helper, trial
-from appliance.agent.errors import AgentError
 from appliance.agent.lifecycle_config import LifecycleConfigError, load_lifecycle_config
 
 VERBS = ("lifecycle-helper", "lifecycle-boot", "firstboot", "install")
@@ -55,6 +53,10 @@ def reboot() -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # Imported here, as __main__ imports each verb's modules: the parser is built at every boot.
+    from appliance.agent import firstboot, install, lifecycle_helper, trial
+    from appliance.agent.errors import AgentError
+
     try:
         config = load_lifecycle_config()
     except LifecycleConfigError as error:

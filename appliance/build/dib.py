@@ -45,8 +45,8 @@ class DibInvocation:
 
     @property
     def squashfs(self) -> Path:
-        # DIB names its squashfs output NAME.squash.
-        return self.output_prefix.with_name(self.output_prefix.name + ".squash")
+        # Made by appliance-live's cleanup.d/100-make-squashfs.
+        return self.output_prefix.with_name(self.output_prefix.name + ".squashfs")
 
     @property
     def kernel(self) -> Path:
@@ -89,7 +89,9 @@ def build_invocation(
     base_env: dict[str, str] | None = None,
 ) -> DibInvocation:
     """The exact disk-image-create command and environment for `spec`."""
-    argv = [dib_executable(), "-a", ARCH, "-t", "squashfs", "-o", str(output_prefix)]
+    # DIB makes no image of its own (appliance-live depends on no-final-image): the element makes
+    # the squashfs itself, compressed for fast reading, beside the kernel and initrd.
+    argv = [dib_executable(), "-a", ARCH, "-t", "raw", "-o", str(output_prefix)]
     if spec.packages:
         argv += ["-p", ",".join(spec.packages)]
     argv += ELEMENTS

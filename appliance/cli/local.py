@@ -46,7 +46,9 @@ def add_local_verbs(verbs: Verbs) -> None:
         formatter_class=HelpFormatter,
         help="build the appliance image into a directory",
         description="Build kernel, initrd, squashfs root and a hybrid ISO with diskimage-builder, plus manifest.json.\n"
-        "Needs root (DIB uses chroots and loop devices); the full log goes to DIR/build.log.",
+        "Needs root (DIB uses chroots and loop devices); the full log goes to DIR/build.log.\n"
+        "The root image is kept in --cache-dir: a build with the same packages, elements and agent reuses it\n"
+        "without running DIB, and only the node's configuration (host name, keys, policy, network) is new.",
         epilog="example:\n  appliance build appliance.toml -o out --authorized-key ~/.ssh/id_ed25519.pub",
     )
     build_cmd.add_argument("spec", type=Path, nargs="?", help="spec file (default: the built-in default spec)")
@@ -62,7 +64,15 @@ def add_local_verbs(verbs: Verbs) -> None:
         help="add the operator public keys in this file to the spec's (repeatable)",
     )
     build_cmd.add_argument(
-        "--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="DIB image cache (default: %(default)s)"
+        "--cache-dir",
+        type=Path,
+        default=DEFAULT_CACHE_DIR,
+        help="DIB's cache, and the root images built before (default: %(default)s)",
+    )
+    build_cmd.add_argument(
+        "--fresh-base",
+        action="store_true",
+        help="run DIB for the root image even when the cache holds one of the same inputs (to take package updates)",
     )
 
     boot_cmd = verbs.add_parser(
@@ -222,7 +232,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     progress = Progress(sys.stdout, interactive=sys.stdout.isatty())
-    result = build(spec, args.output, progress, cache_dir=args.cache_dir)
+    result = build(spec, args.output, progress, cache_dir=args.cache_dir, fresh_base=args.fresh_base)
     print(f"built in {result.seconds:.0f}s:")
     for path in result.artifacts:
         print(f"  {path}  {path.stat().st_size / 1e6:.1f} MB")

@@ -22,10 +22,11 @@ def invocation_for(text: str, tmp_path: Path):  # type: ignore[no-untyped-def]
     )
 
 
-def test_command_line_builds_a_squashfs_from_our_elements(tmp_path: Path) -> None:
+def test_command_line_builds_our_elements_and_no_image_of_dibs_own(tmp_path: Path) -> None:
     argv = invocation_for("", tmp_path).argv
     assert argv[0].endswith("disk-image-create")
-    assert argv[1:7] == ("-a", "amd64", "-t", "squashfs", "-o", str(tmp_path / "dib" / "demo"))
+    # appliance-live makes the squashfs (zstd) and depends on no-final-image: DIB's raw image is dropped.
+    assert argv[1:7] == ("-a", "amd64", "-t", "raw", "-o", str(tmp_path / "dib" / "demo"))
     assert argv[-len(ELEMENTS) :] == ELEMENTS
     assert "-p" not in argv
 
@@ -59,7 +60,7 @@ def test_spec_mirrors_override_the_host(tmp_path: Path) -> None:
 
 def test_output_paths_follow_dib_naming(tmp_path: Path) -> None:
     invocation = invocation_for("", tmp_path)
-    assert invocation.squashfs == tmp_path / "dib" / "demo.squash"
+    assert invocation.squashfs == tmp_path / "dib" / "demo.squashfs"
     assert invocation.kernel == tmp_path / "dib" / "demo.vmlinuz"
     assert invocation.dpkg_manifest == tmp_path / "dib" / "demo.d" / "dib-manifests" / "dib-manifest-dpkg-demo"
 

@@ -103,15 +103,15 @@ def test_networkd_never_blocks_boot(spec: Spec, tmp_path: Path) -> None:
 def test_cmdline_puts_serial_last_so_it_gets_dev_console(spec: Spec) -> None:
     assert (
         kernel_cmdline(spec)
-        == "boot=live nonetworking toram=filesystem.squashfs console=tty0 console=ttyS0,115200n8 intel_iommu=on"
+        == "boot=live nonetworking transparent_hugepage=madvise console=tty0 console=ttyS0,115200n8 intel_iommu=on"
     )
 
 
 def test_cmdline_follows_console_choice() -> None:
     serial_only = parse_spec('[console]\nvga = false\nserial_port = "ttyS1"\nbaud = 9600\n[kernel]\ncmdline = []', "t")
-    assert kernel_cmdline(serial_only) == "boot=live nonetworking toram=filesystem.squashfs console=ttyS1,9600n8"
+    assert kernel_cmdline(serial_only) == "boot=live nonetworking transparent_hugepage=madvise console=ttyS1,9600n8"
     vga_only = parse_spec("[console]\nserial = false\n[kernel]\ncmdline = []", "t")
-    assert kernel_cmdline(vga_only) == "boot=live nonetworking toram=filesystem.squashfs console=tty0"
+    assert kernel_cmdline(vga_only) == "boot=live nonetworking transparent_hugepage=madvise console=tty0"
 
 
 def test_grub_cfg_boots_the_live_kernel_with_the_cmdline(spec: Spec) -> None:

@@ -1,8 +1,7 @@
-"""The live set: NAME.squashfs, NAME.vmlinuz and NAME.initrd, moved out of DIB's output."""
+"""The live set: NAME.squashfs, NAME.vmlinuz and NAME.initrd, which every boot medium carries."""
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,18 +21,3 @@ class LiveSet:
 
 class PackError(ApplianceError):
     """An artifact could not be made from the build result."""
-
-
-def collect_live_set(squashfs: Path, kernel: Path, initrd: Path, out_dir: Path, name: str) -> LiveSet:
-    """Move DIB's squashfs, kernel and initrd into OUT_DIR under the artifact names."""
-    live = LiveSet(
-        squashfs=out_dir / f"{name}.squashfs",
-        kernel=out_dir / f"{name}.vmlinuz",
-        initrd=out_dir / f"{name}.initrd",
-    )
-    for source, target in ((squashfs, live.squashfs), (kernel, live.kernel), (initrd, live.initrd)):
-        if not source.is_file():
-            raise PackError(f"the build did not produce {source}")
-        shutil.move(source, target)
-        target.chmod(0o644)
-    return live

@@ -1,5 +1,11 @@
-# Kernel module trees (below kernel/) removed from the image.
-export DIB_APPLIANCE_DROP_MODULES=${DIB_APPLIANCE_DROP_MODULES:-"sound drivers/gpu drivers/media drivers/net/wireless drivers/bluetooth net/bluetooth net/wireless net/mac80211 drivers/staging drivers/iio drivers/hid/amd-sfh-hid drivers/input/touchscreen drivers/input/joystick drivers/isdn drivers/infiniband/hw/hfi1 drivers/comedi"}
+# Kernel modules (trees below kernel/) removed from the image, unless a module
+# that stays needs one: sound, graphics, cameras and TV, wireless, Bluetooth,
+# staging, industrial I/O, touch screens and joysticks, ISDN, ATM, CAN, WWAN,
+# amateur radio, mesh and other links no server has, InfiniBand and RDMA hardware,
+# flash chips, laptop and Chromebook platform drivers, hardware sensors (a
+# BMC watches those), USB gadget and serial adapters, file systems the node
+# never mounts, and storage targets it never serves.
+export DIB_APPLIANCE_DROP_MODULES=${DIB_APPLIANCE_DROP_MODULES:-"sound drivers/gpu drivers/media drivers/net/wireless drivers/bluetooth net/bluetooth net/wireless net/mac80211 net/batman-adv drivers/staging drivers/iio drivers/hid/amd-sfh-hid drivers/input/touchscreen drivers/input/joystick drivers/input/tablet drivers/isdn drivers/infiniband drivers/comedi drivers/atm net/atm drivers/net/can net/can drivers/net/wwan drivers/net/ieee802154 net/ieee802154 net/6lowpan drivers/net/hamradio net/ax25 net/rose net/netrom drivers/net/arcnet drivers/net/fddi drivers/net/plip drivers/net/slip drivers/net/wan net/x25 net/lapb net/phonet drivers/net/dsa net/dsa drivers/nfc net/nfc net/rds net/tipc net/rxrpc net/9p fs/9p drivers/mtd drivers/accel drivers/w1 drivers/hwmon drivers/platform drivers/usb/gadget drivers/usb/serial drivers/usb/misc drivers/usb/musb drivers/usb/dwc2 drivers/usb/dwc3 drivers/usb/cdns3 drivers/usb/chipidea drivers/usb/isp1760 drivers/usb/mtu3 drivers/usb/renesas_usbhs drivers/pcmcia drivers/parport drivers/gnss drivers/siox drivers/slimbus drivers/soundwire drivers/greybus drivers/most drivers/counter drivers/fpga drivers/android drivers/auxdisplay drivers/memstick drivers/ssb drivers/bcma drivers/target fs/ocfs2 fs/gfs2 fs/dlm fs/bcachefs fs/f2fs fs/ubifs fs/jffs2 fs/jfs fs/reiserfs fs/nilfs2 fs/hfs fs/hfsplus fs/afs fs/coda fs/orangefs fs/omfs fs/befs fs/bfs fs/efs fs/freevxfs fs/minix fs/qnx4 fs/qnx6 fs/romfs fs/sysv fs/ufs fs/adfs fs/affs fs/hpfs fs/ceph fs/nfsd fs/smb/server"}
 # The appliance configures networking itself (systemd-networkd).
 export DIB_APT_MINIMAL_CREATE_INTERFACES=0
 # Installed by stock elements for the build only; purged before the image is sealed.
