@@ -23,6 +23,8 @@ MANIFEST_NAME = "manifest.json"
 class NoBuildError(ApplianceError):
     """A directory given as a build holds no (readable) manifest.json."""
 
+    code = "no_build"
+
 
 class MissingArtifactError(ApplianceError):
     """The build has no artifact of the kind asked for."""

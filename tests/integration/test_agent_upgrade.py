@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from helpers.agent_process import AgentProcess, StartAgent
+from helpers.ansible_runs import BIN, Run, install_collection
 from helpers.appliance_disk import LifecycleNode, StandIn, grubenv, make_disk, slot_file, stand_in_build
 from helpers.keys import make_key
 from helpers.socket_activation import socket_activated
@@ -37,6 +39,7 @@ from appliance.nodes.upgrade import UpgradeError, UpgradeOptions, load_build, up
 
 OLD = "appliance-20260101T000000Z-aaaa0000"
 NEW = "appliance-20260102T000000Z-bbbb1111"
+PLAYBOOKS = Path(__file__).parent / "ansible"
 HELPER = [sys.executable, "-m", "appliance.agent", "lifecycle-helper"]
 
 
@@ -233,3 +236,46 @@ def test_a_connection_cut_mid_file_leaves_the_running_slot_and_a_rerun_sends_the
         assert "result" in send(second, lifecycle.new, name)
     assert second.result("upgrade.commit")["armed"] is True
     assert slot_file(lifecycle.disk, lifecycle.layout, "appliance-b", "filesystem.squashfs") == squashfs
+
+
+@pytest.mark.skipif(not (BIN / "ansible-playbook").exists(), reason="ansible-core is not installed")
+def test_the_ansible_upgrade_module_arms_the_build_once_and_check_mode_writes_nothing(
+    lifecycle: Node_, tmp_path: Path
+) -> None:
+    key = make_key(tmp_path)
+    sshd = Sshd(tmp_path / "sshd", key.with_suffix(".pub").read_text(), tmp_path / "state", env=lifecycle.env)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(home), "ANSIBLE_NOCOLOR": "1", "APPLIANCE_SSH_KEY": str(key),
+           "PYTHONPATH": str(Path(__file__).parents[2])}  # fmt: skip
+    env["ANSIBLE_COLLECTIONS_PATH"] = str(install_collection(tmp_path, env))
+    build_dir(tmp_path / "out", lifecycle.new, "quiet")
+    sshd.start()
+    try:
+        inventory = tmp_path / "hosts.ini"
+        inventory.write_text(f"[hypervisors]\nnode ansible_host=127.0.0.1 ansible_port={sshd.port} ansible_user=root\n")
+        variables = json.dumps({"build_dir": str(tmp_path / "out"), "new_build": NEW})
+        runs: list[Run] = []
+
+        def playbook(*args: str) -> Run:
+            done = subprocess.run(
+                [str(BIN / "ansible-playbook"), "-i", str(inventory), str(PLAYBOOKS / "upgrade.yml"),
+                 "-e", variables, *args],
+                env=env, capture_output=True, text=True, timeout=300, check=False,
+            )  # fmt: skip
+            # Kept for a reader of a failure (pytest shortens long assertion messages).
+            (tmp_path / f"upgrade{len(runs)}{''.join(args)}.log").write_text(done.stdout + done.stderr)
+            runs.append(Run(done.returncode, done.stdout, done.stderr))
+            return runs[-1]
+
+        predicted = playbook("--check", "--diff")
+        assert predicted.recap()["node"]["changed"] == 1 and predicted.recap()["node"]["failed"] == 0, predicted
+        assert grubenv(lifecycle.disk, lifecycle.layout)["appliance_trial"] == ""
+        done = playbook()
+        assert done.recap()["node"]["changed"] == 1 and done.recap()["node"]["failed"] == 0, done
+        assert grubenv(lifecycle.disk, lifecycle.layout)["appliance_trial"] == "b"
+        again = playbook()
+        assert again.recap()["node"]["changed"] == 0 and again.recap()["node"]["failed"] == 0, again
+        assert "Traceback" not in predicted.stdout + done.stdout + again.stdout
+    finally:
+        sshd.stop()

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import pytest
 from helpers.agent_process import AgentProcess
+from helpers.ansible_runs import BIN, Run, install_collection
 from helpers.keys import make_key
 from helpers.sshd import Sshd, free_port
 from helpers.waiting import wait_until
@@ -31,19 +31,12 @@ from helpers.waiting import wait_until
 from appliance.agent.accel import PROBE_BOOT_SECTOR, PROBE_MARKER
 from appliance.build.layout import REPOSITORY
 
-COLLECTION = REPOSITORY / "ansible" / "ansible_collections" / "appliance" / "hypervisor"
 PLAYBOOKS = Path(__file__).parent / "ansible"
-BIN = Path(sys.executable).parent
 # A disk of one sector does not boot under SeaBIOS; a megabyte does.
 MARKER_GUEST_DISK = PROBE_BOOT_SECTOR.ljust(1 << 20, b"\0")
 MARKER_SHA256 = hashlib.sha256(MARKER_GUEST_DISK).hexdigest()
 NODES = ("node0", "node1", "node2")
 DEAD = "dead"
-RECAP = re.compile(
-    r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+unreachable=(?P<unreachable>\d+)\s+"
-    r"failed=(?P<failed>\d+)\s+skipped=\d+\s+rescued=\d+\s+ignored=(?P<ignored>\d+)",
-    re.MULTILINE,
-)
 
 pytestmark = pytest.mark.skipif(
     not (BIN / "ansible-playbook").exists(), reason="ansible-core is not installed (pip install -e '.[dev]')"
@@ -73,36 +66,6 @@ class Fleet:
             return agent.result(method, params)
         finally:
             agent.close()
-
-
-@dataclass
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def recap(self) -> dict[str, dict[str, int]]:
-        found = {match["host"]: {key: int(value) for key, value in match.groupdict().items() if key != "host"}
-                 for match in RECAP.finditer(self.stdout)}  # fmt: skip
-        assert found, self.stdout + self.stderr
-        return found
-
-    def __repr__(self) -> str:
-        return f"exit {self.returncode}\n{self.stdout}\n{self.stderr}"
-
-
-def install_collection(directory: Path, env: dict[str, str]) -> Path:
-    """The collection built and installed as an operator would; the collections path it is in."""
-    galaxy = str(BIN / "ansible-galaxy")
-    build = subprocess.run([galaxy, "collection", "build", str(COLLECTION), "--output-path", str(directory)],
-                           env=env, capture_output=True, text=True, check=False)  # fmt: skip
-    assert build.returncode == 0, build.stdout + build.stderr
-    (tarball,) = directory.glob("appliance-hypervisor-*.tar.gz")
-    collections = directory / "collections"
-    install = subprocess.run([galaxy, "collection", "install", str(tarball), "-p", str(collections)],
-                             env=env, capture_output=True, text=True, check=False)  # fmt: skip
-    assert install.returncode == 0, install.stdout + install.stderr
-    return collections
 
 
 @pytest.fixture(scope="module")
