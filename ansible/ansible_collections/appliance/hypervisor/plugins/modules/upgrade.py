@@ -13,7 +13,7 @@ description:
   - The build is checked against its C(manifest.json) first; only the files the node does not hold yet are sent, and
     the node checks each one's sha256.
   - With O(reboot) the node reboots into the trial and the task waits until the node has judged it (its health checks,
-    the spec's C([upgrade])): blessed, the new build is the default; rolled back, the node runs the build it ran
+    the spec's C([upgrade])). Blessed, the new build is the default; rolled back, the node runs the build it ran
     before and the task fails with code C(rolled_back) and the node's reason.
   - Idempotent. A node that runs the build already is left alone; without O(reboot), a node that has the build
     written and armed already is left alone too.
