@@ -6,38 +6,108 @@ is started through the agent with one NIC, each way, and `guest.start`'s
 answer timed (QEMU started, its NIC attached; the guest's own boot is the same
 either way). A default route in the namespace is all passt (user-mode NAT)
 needs; no packet leaves the namespace.
+
+The same bridged start under libvirt, for the ratio (unless --skip libvirt):
+a libvirtd of the bench's own runs in the namespace (libvirt_peer.py:
+libvirt_in_namespace), where it makes the guest's tap on the same bridge, and
+`virsh create` of the same guest with `<interface type='bridge'>` is timed
+until it returns (QEMU started and running). Its starts alternate with the
+agent's bridged ones, so load from elsewhere falls on both alike.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from figures import Section, median_text
+from figures import Section, median_text, summary
 from helpers.agent_process import AgentProcess
-from helpers.netns import network_namespace
+from helpers.netns import Namespace, network_namespace
 from helpers.tiny_guest import TinyGuest
+from libvirt_peer import destroy, domain_xml, ensure_packages, libvirt_in_namespace, state_of, virsh
 
 from appliance.progress import Progress
 
 TITLE = "6b. guest start: a bridged NIC vs user-mode NAT (agent, tiny guest, TCG)"
 BRIDGE = "brbench"
 TARGET_RATIO = 1.5
+DOMAIN = "appliance-bench-bridged"
+MEMORY_MIB = 128
+
+
+def start_once(agent: AgentProcess, name: str) -> float:
+    """Seconds guest.start took to answer; the guest is killed afterwards."""
+    started = time.perf_counter()
+    agent.result("guest.start", {"name": name})
+    seconds = time.perf_counter() - started
+    agent.result("guest.kill", {"name": name})
+    return seconds
 
 
 def time_starts(agent: AgentProcess, name: str, runs: int) -> list[float]:
-    samples = []
-    for _ in range(runs):
+    return [start_once(agent, name) for _ in range(runs)]
+
+
+class LibvirtBridged:
+    """The same guest and bridged NIC, started by the namespace's libvirtd with `virsh create`."""
+
+    def __init__(self, directory: Path, guest: TinyGuest, uri: str, run_dir: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o777)  # libvirt's QEMU runs as libvirt-qemu and writes the console here
+        self.xml = directory / f"{DOMAIN}.xml"
+        self.xml.write_text(domain_xml(DOMAIN, guest.kernel, guest.initrd, guest.cmdline, MEMORY_MIB, 1,
+                                       directory / "console.log", bridge=BRIDGE))  # fmt: skip
+        self.uri = uri
+        self.run_dir = run_dir
+        self.running = False
+
+    def start_once(self) -> float:
         started = time.perf_counter()
-        agent.result("guest.start", {"name": name})
-        samples.append(time.perf_counter() - started)
-        agent.result("guest.kill", {"name": name})
+        virsh("create", str(self.xml), uri=self.uri)
+        seconds = time.perf_counter() - started
+        self.running = True
+        self.stop()
+        return seconds
+
+    def stop(self) -> None:
+        if self.running:
+            destroy(DOMAIN, self.uri, self.run_dir)
+            self.running = False
+
+
+@contextmanager
+def libvirt_bridged(
+    namespace: Namespace, directory: Path, guest: TinyGuest, progress: Progress, section: Section
+) -> Iterator[LibvirtBridged]:
+    ensure_packages(progress)
+    with libvirt_in_namespace(namespace.exec_prefix(), directory / "libvirt-run", progress) as libvirt:
+        section.data["libvirt_state"] = state_of(libvirt.daemons) + ", in the bench's network namespace"
+        side = LibvirtBridged(directory / "libvirt", guest, libvirt.uri, libvirt.run_dir)
+        try:
+            yield side
+        finally:
+            side.stop()
+
+
+def alternate(starts: list[Callable[[], float]], runs: int) -> list[list[float]]:
+    """One untimed start each, then RUNS timed ones each, taking turns."""
+    for start in starts:
+        start()
+    samples: list[list[float]] = [[] for _ in starts]
+    for _ in range(runs):
+        for start, taken in zip(starts, samples, strict=True):
+            taken.append(start())
     return samples
 
 
-def measure_bridged_start(work: Path, progress: Progress, guest: TinyGuest, runs: int) -> Section:
+def measure_bridged_start(
+    work: Path, progress: Progress, guest: TinyGuest, runs: int, with_libvirt: bool = True
+) -> Section:
     section = Section("bridged", TITLE)
+    libvirt: list[float] = []
     directory = work / "bridged"
     directory.mkdir(parents=True, exist_ok=True)
     with network_namespace("bench") as namespace:
@@ -53,11 +123,17 @@ def measure_bridged_start(work: Path, progress: Progress, guest: TinyGuest, runs
             agent.import_image("tiny-initrd", guest.initrd.read_bytes())
             boot = {"kernel_image": "tiny-vmlinuz", "initrd_image": "tiny-initrd", "cmdline": guest.cmdline}
             for name, nic in (("nat", {"user": True}), ("bridged", {"bridge": BRIDGE})):
-                agent.result("guest.create", {"name": name, "memory_mib": 128, "kernel_boot": boot, "nics": [nic]})
+                params = {"name": name, "memory_mib": MEMORY_MIB, "kernel_boot": boot, "nics": [nic]}
+                agent.result("guest.create", params)
             with progress.step(f"guest.start with user-mode NAT and with a bridged NIC, {runs} runs each"):
                 time_starts(agent, "nat", 1)  # warm: page cache, the first passt and helper starts
                 nat = time_starts(agent, "nat", runs)
-                bridged = time_starts(agent, "bridged", runs)
+                if not with_libvirt:
+                    bridged = time_starts(agent, "bridged", runs)
+            if with_libvirt:
+                step = f"bridged starts: the agent's and libvirt's, 1 warm-up + {runs} runs each, alternating"
+                with libvirt_bridged(namespace, directory, guest, progress, section) as peer, progress.step(step):
+                    bridged, libvirt = alternate([lambda: start_once(agent, "bridged"), peer.start_once], runs)
         finally:
             agent.kill_running_guests()
             agent.kill()
@@ -66,5 +142,13 @@ def measure_bridged_start(work: Path, progress: Progress, guest: TinyGuest, runs
     section.add("guest.start, bridged NIC (tap from the root helper)", median_text(bridged))
     verdict = "met" if ratio <= TARGET_RATIO else "NOT met"
     section.add("ratio bridged / NAT", f"{ratio:.2f}x", f"target <= {TARGET_RATIO}x: {verdict}")
-    section.data = {"nat": nat, "bridged": bridged, "ratio": ratio, "target": TARGET_RATIO}
+    section.data.update({"nat": nat, "bridged": bridged, "ratio": ratio, "target": TARGET_RATIO})
+    if with_libvirt:
+        section.add("libvirt: virsh create, bridged NIC (libvirt's tap)", median_text(libvirt))
+        peer_ratio = statistics.median(libvirt) / statistics.median(bridged)
+        section.add("ratio libvirt / agent, bridged", f"{peer_ratio:.2f}x", "median/median, command returned")
+        section.data.update({"libvirt": summary(libvirt), "libvirt_ratio": peer_ratio})
+        section.reason = section.data["libvirt_state"]
+    else:
+        section.reason = "libvirt skipped (--skip libvirt)"
     return section
