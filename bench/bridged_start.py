@@ -5,14 +5,15 @@ behind its socket as systemd runs it on a node, and the agent. The tiny guest
 is started through the agent with one NIC, each way, and `guest.start`'s
 answer timed (QEMU started, its NIC attached; the guest's own boot is the same
 either way). A default route in the namespace is all passt (user-mode NAT)
-needs; no packet leaves the namespace.
+needs; no packet leaves the namespace (the bridge's uplink is a veth whose
+other end is in the namespace too).
 
 The same bridged start under libvirt, for the ratio (unless --skip libvirt):
 a libvirtd of the bench's own runs in the namespace (libvirt_peer.py:
 libvirt_in_namespace), where it makes the guest's tap on the same bridge, and
 `virsh create` of the same guest with `<interface type='bridge'>` is timed
-until it returns (QEMU started and running). Its starts alternate with the
-agent's bridged ones, so load from elsewhere falls on both alike.
+until it returns (QEMU started and running). The starts take turns (NAT,
+bridged, libvirt's bridged), so load from elsewhere falls on all alike.
 """
 
 from __future__ import annotations
@@ -45,10 +46,6 @@ def start_once(agent: AgentProcess, name: str) -> float:
     seconds = time.perf_counter() - started
     agent.result("guest.kill", {"name": name})
     return seconds
-
-
-def time_starts(agent: AgentProcess, name: str, runs: int) -> list[float]:
-    return [start_once(agent, name) for _ in range(runs)]
 
 
 class LibvirtBridged:
@@ -93,7 +90,8 @@ def libvirt_bridged(
 
 
 def alternate(starts: list[Callable[[], float]], runs: int) -> list[list[float]]:
-    """One untimed start each, then RUNS timed ones each, taking turns."""
+    """One untimed start each (the page cache, the first passt, tap helper and libvirt starts), then RUNS
+    timed ones each, taking turns, so that load from elsewhere on the machine falls on all alike."""
     for start in starts:
         start()
     samples: list[list[float]] = [[] for _ in starts]
@@ -112,6 +110,12 @@ def measure_bridged_start(
     directory.mkdir(parents=True, exist_ok=True)
     with network_namespace("bench") as namespace:
         namespace.add_bridge(BRIDGE, "10.78.0.1/24")
+        # An uplink port, as a node's br0 has its NIC: a bridge's carrier is its ports', so once a guest's
+        # tap has come and gone a bridge with no other port has none, its default route is linkdown and
+        # passt finds no usable interface (the NAT starts now take turns with bridged ones).
+        namespace.ip("link", "add", "uplink0", "type", "veth", "peer", "name", "uplink0p")
+        namespace.ip("link", "set", "uplink0", "master", BRIDGE, "up")
+        namespace.ip("link", "set", "uplink0p", "up")
         namespace.ip("route", "add", "default", "via", "10.78.0.254", "dev", BRIDGE)
         socket_path = directory / "tap-helper.sock"
         config = directory / "agent.toml"
@@ -125,15 +129,15 @@ def measure_bridged_start(
             for name, nic in (("nat", {"user": True}), ("bridged", {"bridge": BRIDGE})):
                 params = {"name": name, "memory_mib": MEMORY_MIB, "kernel_boot": boot, "nics": [nic]}
                 agent.result("guest.create", params)
-            with progress.step(f"guest.start with user-mode NAT and with a bridged NIC, {runs} runs each"):
-                time_starts(agent, "nat", 1)  # warm: page cache, the first passt and helper starts
-                nat = time_starts(agent, "nat", runs)
-                if not with_libvirt:
-                    bridged = time_starts(agent, "bridged", runs)
+            starts: list[Callable[[], float]] = [lambda: start_once(agent, "nat"), lambda: start_once(agent, "bridged")]
+            peers = "user-mode NAT and bridged" + (", and libvirt's bridged start" if with_libvirt else "")
+            step = f"guest.start with {peers}: 1 warm-up + {runs} runs each, alternating"
             if with_libvirt:
-                step = f"bridged starts: the agent's and libvirt's, 1 warm-up + {runs} runs each, alternating"
                 with libvirt_bridged(namespace, directory, guest, progress, section) as peer, progress.step(step):
-                    bridged, libvirt = alternate([lambda: start_once(agent, "bridged"), peer.start_once], runs)
+                    nat, bridged, libvirt = alternate([*starts, peer.start_once], runs)
+            else:
+                with progress.step(step):
+                    nat, bridged = alternate(starts, runs)
         finally:
             agent.kill_running_guests()
             agent.kill()
