@@ -154,10 +154,13 @@ def boot_sections(
     return [boot, memory], [trips]
 
 
-def bridged_section(work: Path, progress: Progress, runs: int) -> Section:
+def bridged_section(work: Path, progress: Progress, runs: int, with_libvirt: bool) -> Section:
     with progress.step("build the tiny guest (Debian cloud kernel + busybox initramfs)"):
         guest = build_tiny_guest(work / "tiny-guest")
-    return measure_bridged_start(work, progress, guest, runs)
+    # Readable by libvirt's QEMU, which runs as another user.
+    for path in (work / "tiny-guest", guest.kernel, guest.initrd):
+        path.chmod(0o755)
+    return measure_bridged_start(work, progress, guest, runs, with_libvirt)
 
 
 def floor_section(
@@ -209,7 +212,10 @@ def measure_the_rest(
     if "bridged" in args.skip:
         sections.append(skipped("bridged", BRIDGED_TITLE, "--skip bridged"))
     else:
-        sections.append(guarded("bridged", BRIDGED_TITLE, lambda: bridged_section(work, progress, args.guest_runs)))
+        with_libvirt = "libvirt" not in args.skip
+        sections.append(
+            guarded("bridged", BRIDGED_TITLE, lambda: bridged_section(work, progress, args.guest_runs, with_libvirt))
+        )
     title = "7. fleet report: host.report from N nodes (sshd endpoints on loopback)"
     if "fleet" in args.skip:
         sections.append(skipped("fleet", title, "--skip fleet"))

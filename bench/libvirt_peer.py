@@ -11,6 +11,12 @@ guest took 60 s so). The libvirtd started here runs in a mount namespace of
 its own whose /dev has everything but kvm: it probes QEMU once for TCG,
 caches that, and answers in milliseconds, as on a machine with working KVM
 or none. The section says which state libvirtd was measured in.
+
+For a guest with a bridged NIC, libvirtd must make the tap where the bridge
+is: `libvirt_in_namespace` runs a libvirtd of its own (and its virtlogd) in a
+network namespace the bench made, with a runtime directory of its own bound
+over /run/libvirt (its sockets, pid files and QEMUs' state), /dev/kvm hidden
+the same way; virsh reaches it through its socket there.
 """
 
 from __future__ import annotations
@@ -121,8 +127,8 @@ def ensure_packages(progress: Progress) -> None:
         run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env=env)
 
 
-def virsh(*args: str) -> str:
-    return run(["virsh", "-c", URI, *args])
+def virsh(*args: str, uri: str = URI) -> str:
+    return run(["virsh", "-c", uri, *args])
 
 
 def stop_pid(pid: int, name: str) -> None:
@@ -173,16 +179,75 @@ def libvirt_daemons(progress: Progress) -> Iterator[list[RunningDaemon]]:
                 progress.note(f"stopped {daemon.name} (pid {daemon.pid})")
 
 
-def answers() -> bool:
+def answers(uri: str = URI) -> bool:
     try:
-        virsh("version")
+        virsh("version", uri=uri)
     except CommandError:
         return False
     return True
 
 
-def domain_xml(name: str, kernel: Path, initrd: Path, cmdline: str, memory_mib: int, vcpus: int, serial: Path) -> str:
-    """The agent's tiny guest as libvirt would run it: TCG, q35, the same CPU model, a balloon, serial to a file."""
+# Run inside the namespace's own mount namespace (after HIDE_KVM, where /dev/kvm exists) as
+# `sh -c IN_NAMESPACE sh RUN_DIR`: RUN_DIR becomes /run/libvirt for these two daemons alone.
+IN_NAMESPACE = """set -e
+mount --bind "$1" /run/libvirt
+virtlogd -d -p /run/libvirt/virtlogd.pid
+exec libvirtd -d -p /run/libvirt/libvirtd.pid
+"""
+
+
+@dataclass(frozen=True)
+class PrivateLibvirt:
+    """A libvirtd of the bench's own in a network namespace: its URI (through its own socket),
+    its runtime directory, and its daemons."""
+
+    uri: str
+    run_dir: Path
+    daemons: list[RunningDaemon]
+
+
+@contextmanager
+def libvirt_in_namespace(exec_prefix: list[str], run_dir: Path, progress: Progress) -> Iterator[PrivateLibvirt]:
+    """virtlogd and libvirtd started in the network namespace EXEC_PREFIX enters, with RUN_DIR as
+    their /run/libvirt; both stopped by their pid on the way out, whatever happened."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    hidden = KVM.exists()
+    inner = ["sh", "-c", IN_NAMESPACE, "sh", str(run_dir)]
+    if hidden:
+        inner = ["sh", "-c", HIDE_KVM, "sh", *inner]
+    argv = [*exec_prefix, "unshare", "--mount", "--propagation", "private", "--", *inner]
+    daemons: list[RunningDaemon] = []
+    try:
+        run(argv)
+        for name in ("virtlogd", "libvirtd"):
+            pid_file = run_dir / f"{name}.pid"
+            pid = wait_until(lambda pid_file=pid_file, name=name: live_pid(pid_file, name), 30, f"{name} pid")
+            daemons.append(RunningDaemon(name, pid, ours=True, kvm_hidden=hidden and name == "libvirtd"))
+        progress.note("started " + ", ".join(f"{daemon.name} (pid {daemon.pid})" for daemon in daemons)
+                      + f" in the namespace, runtime directory {run_dir}")  # fmt: skip
+        uri = f"{URI}?socket={run_dir / 'libvirt-sock'}"
+        wait_until(lambda: answers(uri), 60, "the namespace's libvirtd to answer virsh")
+        yield PrivateLibvirt(uri, run_dir, daemons)
+    finally:
+        # By their pid files too: a daemon that started before a later step failed is not in the list.
+        for name in ("libvirtd", "virtlogd"):
+            pid = live_pid(run_dir / f"{name}.pid", name)
+            if pid is not None:
+                stop_pid(pid, name)
+                progress.note(f"stopped the namespace's {name} (pid {pid})")
+
+
+def domain_xml(
+    name: str, kernel: Path, initrd: Path, cmdline: str, memory_mib: int, vcpus: int, serial: Path, bridge: str = ""
+) -> str:
+    """The agent's tiny guest as libvirt would run it: TCG, q35, the same CPU model, a balloon, serial to a file;
+    with BRIDGE, a virtio NIC on it with no option ROM, as the agent's bridged NIC (libvirt makes the tap)."""
+    nic = (
+        f"<interface type='bridge'><source bridge='{escape(bridge)}'/><model type='virtio'/><rom enabled='no'/>"
+        "</interface>"
+        if bridge
+        else ""
+    )
     return f"""<domain type='qemu'>
   <name>{escape(name)}</name>
   <memory unit='MiB'>{memory_mib}</memory>
@@ -199,6 +264,7 @@ def domain_xml(name: str, kernel: Path, initrd: Path, cmdline: str, memory_mib: 
   <devices>
     <emulator>{escape(QEMU_PATH)}</emulator>
     <serial type='file'><source path='{escape(str(serial))}'/><target port='0'/></serial>
+    {nic}
     <memballoon model='virtio'/>
   </devices>
 </domain>
@@ -208,16 +274,19 @@ def domain_xml(name: str, kernel: Path, initrd: Path, cmdline: str, memory_mib: 
 QEMU_PATH = shutil.which(QEMU) or f"/usr/bin/{QEMU}"
 
 
-def domain_pid(name: str) -> int | None:
+RUN_DIR = Path("/run/libvirt")
+
+
+def domain_pid(name: str, run_dir: Path = RUN_DIR) -> int | None:
     """The QEMU libvirt runs for a domain, from libvirt's own pid file."""
-    return live_pid(Path(f"/run/libvirt/qemu/{name}.pid"), QEMU)
+    return live_pid(run_dir / "qemu" / f"{name}.pid", QEMU)
 
 
-def destroy(name: str) -> None:
+def destroy(name: str, uri: str = URI, run_dir: Path = RUN_DIR) -> None:
     """Pull the plug on a transient domain; it is gone from libvirt afterwards."""
     try:
-        virsh("destroy", name)
+        virsh("destroy", name, uri=uri)
     except CommandError:
-        pid = domain_pid(name)
+        pid = domain_pid(name, run_dir)
         if pid is not None:
             stop_pid(pid, "qemu")

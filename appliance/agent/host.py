@@ -35,6 +35,27 @@ class Bridge:
 
 
 @dataclass(frozen=True)
+class BondPort:
+    """One NIC of a bond: its link as the bond's MII monitor sees it, and its own MAC (the
+    bond gives every port its MAC while enslaved; this is the one the NIC came with)."""
+
+    name: str
+    link: str  # "up", "down" (or "going back" while the bond waits to trust it again)
+    mac: str
+
+
+@dataclass(frozen=True)
+class Bond:
+    """A Linux bond on the node, as /sys/class/net shows it."""
+
+    name: str
+    mode: str  # "active-backup", "802.3ad", ...
+    ports: tuple[BondPort, ...]
+    # The port carrying the traffic in active-backup mode; "" in other modes, or with no port up.
+    active_port: str
+
+
+@dataclass(frozen=True)
 class HostReport:
     hostname: str
     kernel: str
@@ -52,6 +73,8 @@ class HostReport:
     agent_rss_bytes: int
     # Bridges guest NICs may name (those the tap helper allows are in the agent config).
     bridges: tuple[Bridge, ...] = ()
+    # Bonds of NICs (a bridge's port, or the node's own interface), with each port's link.
+    bonds: tuple[Bond, ...] = ()
     # Every interface's global addresses (CIDR), e.g. {"br0": ["192.0.2.10/24"]}.
     addresses: dict[str, list[str]] = field(default_factory=dict)
     # What appliance-network.service did at boot: "configured", "fallback", "no-link"; else "unknown".
@@ -152,6 +175,25 @@ def read_bridges(sys_class_net: Path = SYS_CLASS_NET) -> dict[str, Bridge]:
     return bridges
 
 
+def read_bonds(sys_class_net: Path = SYS_CLASS_NET) -> dict[str, Bond]:
+    """The node's bonds by name: every interface with a bonding/ directory."""
+    bonds: dict[str, Bond] = {}
+    for bonding in sorted(sys_class_net.glob("*/bonding")):
+        interface = bonding.parent
+        ports = []
+        for name in read_sys_value(bonding / "slaves").split():
+            port = sys_class_net / name / "bonding_slave"
+            ports.append(BondPort(name, read_sys_value(port / "mii_status"), read_sys_value(port / "perm_hwaddr")))
+        bonds[interface.name] = Bond(
+            name=interface.name,
+            # The kernel writes the mode's name and number: "active-backup 1".
+            mode=read_sys_value(bonding / "mode").split(" ")[0],
+            ports=tuple(ports),
+            active_port=read_sys_value(bonding / "active_slave"),
+        )
+    return bonds
+
+
 def read_json_tool(argv: list[str], attempts: int = 3) -> Any:
     """The JSON a tool prints (ip -j, bridge -j); None when it is missing or fails: a report never fails on it.
     A dump fails when an interface goes away in the middle of it (a namespace's veths are removed by the
@@ -231,6 +273,7 @@ def collect_report(build_info_path: Path) -> HostReport:
         state_device=read_state_device(),
         agent_rss_bytes=read_rss(),
         bridges=tuple(read_bridges().values()),
+        bonds=tuple(read_bonds().values()),
         addresses=read_addresses(),
         network=read_boot_marker(NETWORK_MARKER) or "unknown",
     )

@@ -6,7 +6,8 @@ overlay in DIR/run/ over NAME.raw, kept from boot to boot like a real disk
 --fresh-disk asks for a new one. The overlay names NAME.raw relative to
 itself, so a copied build directory boots its own image; an overlay over
 another directory's image is replaced. --extra-disk adds a second disk,
-blank when made, for a node that claims one ([storage] claim_blank_disk).
+blank when made, for a node that claims one ([storage] claim_blank_disk);
+--nics 2 gives the node two NICs on the same network, for a bond of both.
 SSH is forwarded from the port of the last boot of the directory while it is
 free (--ssh-port picks one), so known_hosts keeps one entry for the node.
 """
@@ -30,6 +31,8 @@ from appliance.boot.vm import (
     local_port_free,
     make_blank_disk,
     make_disk_overlay,
+    nic_id,
+    nic_mac,
     overlay_backing,
     rebase_relative,
     recorded_vm,
@@ -58,6 +61,7 @@ class BootRequest:
     extra_disk_gib: int = 0  # 0: none; else a second disk, blank when made, kept like the first
     ssh_port: int | None = None  # None: the last boot's (DIR/run/ssh-port) if free, else any free one
     seed: Path | None = None  # a volume attached read-only: the provisioner's cidata or config-2
+    nics: int = 1  # NICs on the one user-mode network: 2 for a bond of two ports
 
 
 @dataclass(frozen=True)
@@ -202,7 +206,11 @@ def boot(request: BootRequest, say: TextIO = sys.stdout) -> BootResult:
         media_kind=request.media,
         extra_disk=extra_disk,
         seed=request.seed,
+        nics=request.nics,
     )
+    if config.nics > 1:
+        ids = ", ".join(f"{nic_id(index)} {nic_mac(index)}" for index in range(config.nics))
+        say.write(f"network: {config.nics} NICs on one hub ({ids}); QMP set_link on {paths.qmp_socket} cuts one\n")
     if request.seed is not None and not request.seed.is_file():
         raise QemuError(f"--seed {request.seed}: no such file")
     try:

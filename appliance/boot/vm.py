@@ -16,11 +16,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.agent.accel import QEMU, AccelChoice
-from appliance.agent.qemu import QemuFiles, base_argv, end_process, request_powerdown, running_pid, wait_gone
+from appliance.agent.qemu import (
+    QemuFiles,
+    base_argv,
+    end_process,
+    qmp_session,
+    request_powerdown,
+    running_pid,
+    wait_gone,
+)
+from appliance.agent.qmp import QMPError
 from appliance.errors import ApplianceError
 from appliance.run import CommandError, run
 
 STOP_SECONDS = 15.0
+# NICs a node may have here (boot --nics): a server's two for a bond, or a few more.
+MAX_NICS = 4
 
 
 class QemuError(ApplianceError):
@@ -97,6 +108,12 @@ class BootConfig:
     seed: Path | None = None  # a raw volume attached read-only after it: a cidata or config-2 volume
     # A hardware watchdog, as servers have: systemd on the node keeps it, and a hung node resets.
     watchdog: bool = True
+    # NICs on the one user-mode network (more than one: a bond's ports, each with a link to cut).
+    nics: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.nics <= MAX_NICS:
+            raise QemuError(f"a node here has 1 to {MAX_NICS} NICs, not {self.nics}")
 
 
 def make_qcow2(image: Path, size_bytes: int, what: str, backing_raw: Path | None = None) -> None:
@@ -226,16 +243,51 @@ def boot_media_argv(config: BootConfig) -> list[str]:
     return ["-drive", f"file={config.media},media=cdrom,readonly=on,if=ide", "-boot", "d"]
 
 
+def nic_id(index: int) -> str:
+    """The QEMU device id of the node's NIC INDEX (from 0), as QMP's set_link names it."""
+    return f"nic{index}"
+
+
+def nic_mac(index: int) -> str:
+    """The MAC of the node's NIC INDEX when it has several: QEMU's own default MACs, written out
+    so that a port the node reports (by its permanent MAC) names its QEMU device."""
+    return f"52:54:00:12:34:{0x56 + index:02x}"
+
+
 def network_argv(config: BootConfig) -> list[str]:
     netdev = f"user,id=net0,hostfwd=tcp:127.0.0.1:{config.ssh_port}-:22"
-    # No option ROM unless booting from the network: iPXE only slows other boots.
-    nic = "virtio-net-pci,netdev=net0,romfile="
     if config.media_kind == "pxe":
         # QEMU's own DHCP and TFTP hand the NIC's iPXE the chain script, as a
         # site's DHCP/TFTP would; the rest comes over HTTP from the host.
         netdev += f",tftp={config.media.parent},bootfile={config.media.name}"
-        nic = "virtio-net-pci,netdev=net0,bootindex=0"
-    return ["-netdev", netdev, "-device", nic]
+    if config.nics == 1:
+        return ["-netdev", netdev, "-device", nic_device(config, "net0", 0)]
+    # Several NICs on one LAN: each on a port of QEMU's hub, whose uplink is the one user-mode
+    # network (its DHCP and SSH forward). A hub repeats every frame to every other port, as a
+    # switch does until it learns; a port's link is cut alone (set_link on its NIC's id).
+    argv = ["-netdev", netdev, "-netdev", "hubport,id=hub0-uplink,hubid=0,netdev=net0"]
+    for index in range(config.nics):
+        port = f"hub0-port{index}"
+        argv += ["-netdev", f"hubport,id={port},hubid=0", "-device", nic_device(config, port, index)]
+    return argv
+
+
+def nic_device(config: BootConfig, netdev: str, index: int) -> str:
+    named = "" if config.nics == 1 else f",id={nic_id(index)},mac={nic_mac(index)}"
+    if config.media_kind == "pxe" and index == 0:
+        return f"virtio-net-pci,netdev={netdev}{named},bootindex=0"
+    # No option ROM unless booting from the network: iPXE only slows other boots.
+    return f"virtio-net-pci,netdev={netdev}{named},romfile="
+
+
+def set_nic_link(paths: VmPaths, index: int, up: bool) -> None:
+    """Plug or pull the cable of the running node's NIC INDEX (QMP set_link: the node sees its link
+    go down or up, and the NIC neither sends nor receives while it is down)."""
+    try:
+        with qmp_session(paths) as monitor:
+            monitor.execute("set_link", {"name": nic_id(index), "up": up})
+    except QMPError as error:
+        raise QemuError(f"cannot set the link of {nic_id(index)} {'up' if up else 'down'}: {error}") from error
 
 
 class RunningVm:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from appliance.boot.boot import DEFAULT_DISK_GIB, BootRequest, boot
 from appliance.boot.selftest import SelftestError, SelftestOptions, selftest
-from appliance.boot.vm import VmPaths, stop_recorded_vm
+from appliance.boot.vm import MAX_NICS, VmPaths, stop_recorded_vm
 from appliance.build.dib import DEFAULT_CACHE_DIR
 from appliance.build.pipeline import build, read_key_files
 from appliance.cli.parsing import KEY_HELP, HelpFormatter, Verbs, tcp_port, whole_gib
@@ -19,6 +19,13 @@ from appliance.progress import Progress
 from appliance.spec import default_spec_text, load_spec
 
 EXIT_OK = 0
+
+
+def nic_count(text: str) -> int:
+    """How many NICs the booted node has, for argparse: 1 to MAX_NICS."""
+    if not text.isdigit() or not 1 <= int(text) <= MAX_NICS:
+        raise argparse.ArgumentTypeError(f"{text!r}: a node here has 1 to {MAX_NICS} NICs")
+    return int(text)
 
 
 def add_local_verbs(verbs: Verbs) -> None:
@@ -93,6 +100,7 @@ def add_local_verbs(verbs: Verbs) -> None:
         "  appliance boot out --wait\n"
         "  appliance boot out --media disk --uefi --wait\n"
         "  appliance boot out --media pxe --wait\n"
+        "  appliance boot out --nics 2 --wait    # a spec with a [network] bond of both NICs\n"
         "  appliance stop out",
     )
     boot_cmd.add_argument("dir", type=Path, help="build directory (holds manifest.json)")
@@ -126,6 +134,15 @@ def add_local_verbs(verbs: Verbs) -> None:
         metavar="GIB",
         help="attach a second disk, blank when made (DIR/run/extra-disk.qcow2, kept from boot to boot): "
         "a node built with [storage] claim_blank_disk = true keeps its state there",
+    )
+    boot_cmd.add_argument(
+        "--nics",
+        type=nic_count,
+        default=1,
+        metavar="N",
+        help=f"NICs on the node's one user-mode network, 1 to {MAX_NICS} (default: %(default)s); with more than "
+        "one, each is on a port of QEMU's hub, named nic0, nic1, ... so that `set_link` on DIR/run/qmp.sock "
+        "pulls one's cable (a spec's [network] bond of them fails over)",
     )
     boot_cmd.add_argument(
         "--ssh-port",
@@ -255,6 +272,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         extra_disk_gib=args.extra_disk,
         ssh_port=args.ssh_port,
         seed=args.seed,
+        nics=args.nics,
     )
     result = boot(request)
     if args.wait:

@@ -1,10 +1,28 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
-from appliance.agent.accel import PROBE_BOOT_SECTOR, AccelChoice, node_accel, probe_accel, run_probe_guest
-from appliance.boot.vm import BootConfig, VmPaths, qemu_argv
+import pytest
+
+from appliance.agent.accel import (
+    PROBE_BOOT_SECTOR,
+    PROBE_MARKER,
+    AccelChoice,
+    node_accel,
+    probe_accel,
+    run_probe_guest,
+)
+from appliance.boot.vm import (
+    BootConfig,
+    QemuError,
+    VmPaths,
+    free_local_port,
+    qemu_argv,
+    set_nic_link,
+    start_vm,
+)
 
 
 def test_probe_boot_sector_prints_its_marker_under_tcg() -> None:
@@ -100,6 +118,46 @@ def test_qemu_argv_boots_from_the_network_with_qemu_tftp_handing_out_the_script(
     # The NIC keeps QEMU's iPXE ROM (other boots drop it) and is the first boot device.
     assert "virtio-net-pci,netdev=net0,bootindex=0" in argv
     assert not any("media=cdrom" in arg or "virtio-blk" in arg for arg in argv)
+
+
+def test_two_nics_are_ports_of_one_hub_whose_uplink_is_the_user_network(tmp_path: Path) -> None:
+    config = BootConfig(media=tmp_path / "a.iso", accel=AccelChoice("tcg", "test"), ssh_port=2222, nics=2)
+    argv = qemu_argv(config, VmPaths(tmp_path / "run"))
+    netdevs = [argv[index + 1] for index, arg in enumerate(argv) if arg == "-netdev"]
+    assert netdevs == [
+        "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22",  # one DHCP server and one SSH forward for both
+        "hubport,id=hub0-uplink,hubid=0,netdev=net0",
+        "hubport,id=hub0-port0,hubid=0",
+        "hubport,id=hub0-port1,hubid=0",
+    ]
+    assert "virtio-net-pci,netdev=hub0-port0,id=nic0,mac=52:54:00:12:34:56,romfile=" in argv
+    assert "virtio-net-pci,netdev=hub0-port1,id=nic1,mac=52:54:00:12:34:57,romfile=" in argv
+    pxe = BootConfig(media=tmp_path / "boot.ipxe", accel=config.accel, ssh_port=2222, media_kind="pxe", nics=2)
+    argv = qemu_argv(pxe, VmPaths(tmp_path / "run"))
+    # The first NIC boots from the network; the second keeps no ROM.
+    assert "virtio-net-pci,netdev=hub0-port0,id=nic0,mac=52:54:00:12:34:56,bootindex=0" in argv
+    assert "virtio-net-pci,netdev=hub0-port1,id=nic1,mac=52:54:00:12:34:57,romfile=" in argv
+    with pytest.raises(QemuError, match="1 to 4 NICs, not 5"):
+        BootConfig(media=tmp_path / "a.iso", accel=config.accel, ssh_port=2222, nics=5)
+
+
+def test_a_running_nodes_nic_has_its_link_cut_and_restored_through_qmp(tmp_path: Path) -> None:
+    raw = tmp_path / "marker.raw"
+    raw.write_bytes(PROBE_BOOT_SECTOR.ljust(1 << 20, b"\0"))
+    disk = tmp_path / "marker.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(disk)], check=True)
+    paths = VmPaths(tmp_path / "run")
+    config = BootConfig(media=disk, accel=AccelChoice("tcg", "test"), ssh_port=free_local_port(), memory_mb=64,
+                        cpus=1, media_kind="disk", watchdog=False, nics=2)  # fmt: skip
+    vm = start_vm(config, paths)
+    try:
+        vm.wait_for_console(PROBE_MARKER.decode(), 60)  # QEMU took the hub and both NICs
+        set_nic_link(paths, 1, up=False)
+        set_nic_link(paths, 1, up=True)
+        with pytest.raises(QemuError, match="cannot set the link of nic2 down"):
+            set_nic_link(paths, 2, up=False)
+    finally:
+        vm.stop()
 
 
 def test_an_extra_disk_comes_after_the_boot_media_and_is_never_booted(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from appliance.agent import nics
 from appliance.agent.errors import AgentError
-from appliance.agent.host import Bridge, read_bridges
+from appliance.agent.host import Bond, BondPort, Bridge, read_bonds, read_bridges
 from appliance.agent.model import Nic, NicModel, guest_spec_from_json, parse_guest_spec
 from appliance.agent.nics import LaunchPlan, NetworkConfig, assign_nics, derive_mac, launch_argv, nic_argv, tap_name
 from appliance.agent.taps import Tap, TapError, bridge_commands, parse_request, tap_mac
@@ -176,6 +176,27 @@ def test_bridges_are_read_from_sysfs(tmp_path: Path) -> None:
     assert read_bridges(fake_sysfs(tmp_path)) == {
         "br0": Bridge(name="br0", vlan_filtering=False, ports=("eth0",), mtu=1500),
         "brvlan": Bridge(name="brvlan", vlan_filtering=True, ports=(), mtu=1500),
+    }
+
+
+def test_bonds_are_read_from_sysfs_with_each_ports_link_and_own_mac(tmp_path: Path) -> None:
+    bonding = tmp_path / "bond0" / "bonding"
+    bonding.mkdir(parents=True)
+    (bonding / "mode").write_text("active-backup 1\n")
+    (bonding / "slaves").write_text("enp0s2 enp0s3\n")
+    (bonding / "active_slave").write_text("enp0s3\n")
+    for name, link, mac in (("enp0s2", "down", "52:54:00:12:34:56"), ("enp0s3", "up", "52:54:00:12:34:57")):
+        (tmp_path / name / "bonding_slave").mkdir(parents=True)
+        (tmp_path / name / "bonding_slave" / "mii_status").write_text(link + "\n")
+        (tmp_path / name / "bonding_slave" / "perm_hwaddr").write_text(mac + "\n")
+    fake_sysfs(tmp_path)  # bridges are no bonds
+    assert read_bonds(tmp_path) == {
+        "bond0": Bond(
+            name="bond0",
+            mode="active-backup",
+            ports=(BondPort("enp0s2", "down", "52:54:00:12:34:56"), BondPort("enp0s3", "up", "52:54:00:12:34:57")),
+            active_port="enp0s3",
+        )
     }
 
 

@@ -48,6 +48,14 @@ def test_boot_of_an_empty_directory_says_what_to_do(tmp_path: Path) -> None:
     assert "appliance build" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_boot_takes_one_to_four_nics(tmp_path: Path) -> None:
+    result = run_cli("boot", str(tmp_path), "--nics", "5")
+    assert result.returncode == 2 and "'5': a node here has 1 to 4 NICs" in result.stderr
+    # Two NICs parse; the boot then fails on the empty directory, as without them.
+    result = run_cli("boot", str(tmp_path), "--accel", "tcg", "--nics", "2")
+    assert result.returncode == 1 and "appliance build" in result.stderr
+
+
 def test_stop_with_nothing_running_is_fine(tmp_path: Path) -> None:
     result = run_cli("stop", str(tmp_path))
     assert result.returncode == 0 and "no appliance running" in result.stdout
