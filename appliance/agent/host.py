@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.agent.errors import AgentError
+from appliance.agent.tools import find_program
+
 KVM_GET_API_VERSION = 0xAE00
 KVM_API_VERSION = 12
 
@@ -198,9 +201,14 @@ def read_json_tool(argv: list[str], attempts: int = 3) -> Any:
     """The JSON a tool prints (ip -j, bridge -j); None when it is missing or fails: a report never fails on it.
     A dump fails when an interface goes away in the middle of it (a namespace's veths are removed by the
     kernel some time after the namespace), so a failed run is tried again."""
+    try:
+        # `bridge` is in /usr/sbin, which the agent's PATH (a plain user's, under SSH) lacks.
+        program = find_program(argv[0], "iproute2")
+    except AgentError:
+        return None
     for _ in range(attempts):
         try:
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+            result = subprocess.run([program, *argv[1:]], capture_output=True, text=True, timeout=10, check=False)
             if result.returncode == 0 and result.stdout.strip():
                 return json.loads(result.stdout)
         except FileNotFoundError:
@@ -211,7 +219,8 @@ def read_json_tool(argv: list[str], attempts: int = 3) -> Any:
 
 
 def read_bridge_vlans(bridge: str, ports: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-    shown = read_json_tool(["bridge", "-j", "vlan", "show"]) or []
+    # -c: a trunk port's VLANs as ranges, not 4094 entries.
+    shown = read_json_tool(["bridge", "-c", "-j", "vlan", "show"]) or []
     vlans: dict[str, tuple[int, ...]] = {}
     for entry in shown:
         name = entry.get("ifname")
