@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from appliance.agent.errors import guest_exists, guest_not_found, image_exists, image_not_found
+from appliance.agent.locks import held
 from appliance.agent.model import GuestSpec, guest_spec_from_json
 
 SCHEMA = """
@@ -39,11 +40,15 @@ class Store:
     def __init__(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / "agent.db"
-        self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
-        self._add_columns()
+        # One opener at a time: turning a new database to WAL needs it alone, and SQLite answers
+        # "database is locked" at once, without waiting, to the others (at a first boot, autostart,
+        # the boot's health check and an operator's first request all open it together).
+        with held(state_dir / "agent.db.open-lock", BUSY_TIMEOUT_SECONDS):
+            self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+            self._add_columns()
 
     def _add_columns(self) -> None:
         """Bring an older database up to the schema; in one transaction, so two agents opening it at once
