@@ -9,6 +9,9 @@ another directory's image is replaced. --extra-disk adds a second disk,
 blank when made, for a node that claims one ([storage] claim_blank_disk).
 SSH is forwarded from the port of the last boot of the directory while it is
 free (--ssh-port picks one), so known_hosts keeps one entry for the node.
+--lan PORT adds a second NIC on a network shared by every node booted with
+the same port (QEMU's socket networking over loopback multicast), with a MAC
+of the directory's own.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from appliance.agent.accel import AccelChoice, probe_accel
 from appliance.boot.vm import (
     BootConfig,
     KernelPanicError,
+    Lan,
     QemuError,
     RunningVm,
     VmPaths,
     free_local_port,
+    lan_mac,
     local_port_free,
     make_blank_disk,
     make_disk_overlay,
@@ -58,6 +63,7 @@ class BootRequest:
     extra_disk_gib: int = 0  # 0: none; else a second disk, blank when made, kept like the first
     ssh_port: int | None = None  # None: the last boot's (DIR/run/ssh-port) if free, else any free one
     seed: Path | None = None  # a volume attached read-only: the provisioner's cidata or config-2
+    lan_port: int | None = None  # a second NIC on the host network of this port, shared with other nodes
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,14 @@ def prepare_extra_disk(request: BootRequest, paths: VmPaths, say: TextIO) -> Pat
     return disk
 
 
+def lan_of(request: BootRequest, paths: VmPaths, say: TextIO) -> Lan | None:
+    if request.lan_port is None:
+        return None
+    lan = Lan(request.lan_port, lan_mac(paths.directory))
+    say.write(f"lan: a second NIC ({lan.mac}) on the network of every node booted with --lan {lan.port}\n")
+    return lan
+
+
 # What QEMU's user network calls the host's loopback, seen from the guest.
 QEMU_HOST_ADDRESS = "10.0.2.2"
 
@@ -202,6 +216,7 @@ def boot(request: BootRequest, say: TextIO = sys.stdout) -> BootResult:
         media_kind=request.media,
         extra_disk=extra_disk,
         seed=request.seed,
+        lan=lan_of(request, paths, say),
     )
     if request.seed is not None and not request.seed.is_file():
         raise QemuError(f"--seed {request.seed}: no such file")

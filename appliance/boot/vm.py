@@ -6,6 +6,7 @@ probe guest really runs under it), and the runner says which and why.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -84,6 +85,28 @@ class VmPaths(QemuFiles):
         return self.directory / "disk.build-id"
 
 
+# QEMU's socket networking: the frames of every node on one LAN go as UDP datagrams to this multicast
+# group (at the LAN's port), sent and joined on the loopback interface alone, so nothing leaves this machine.
+LAN_GROUP = "230.0.0.1"
+LAN_INTERFACE = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Lan:
+    """A second NIC on a host network shared by every node booted with the same port (boot --lan)."""
+
+    port: int
+    mac: str  # one per node: frames between nodes with the same MAC go nowhere
+
+
+def lan_mac(run_dir: Path) -> str:
+    """The LAN NIC's MAC for the node whose files are in RUN_DIR: the same at every boot of it, as a real
+    NIC's is, and another for each directory (QEMU would give every node's second NIC the same one).
+    Locally administered and unicast, in QEMU's 52:54 range."""
+    digest = hashlib.sha256(str(run_dir.resolve()).encode()).digest()
+    return "52:54:" + ":".join(f"{byte:02x}" for byte in digest[:4])
+
+
 @dataclass(frozen=True)
 class BootConfig:
     media: Path  # an ISO; for media_kind "disk" a qcow2 disk; for "pxe" the iPXE script TFTP hands out
@@ -97,6 +120,7 @@ class BootConfig:
     seed: Path | None = None  # a raw volume attached read-only after it: a cidata or config-2 volume
     # A hardware watchdog, as servers have: systemd on the node keeps it, and a hung node resets.
     watchdog: bool = True
+    lan: Lan | None = None  # a second NIC, after the first (the node's first wired NIC stays the SSH one)
 
 
 def make_qcow2(image: Path, size_bytes: int, what: str, backing_raw: Path | None = None) -> None:
@@ -167,6 +191,7 @@ def qemu_argv(config: BootConfig, paths: VmPaths) -> list[str]:
         *base_argv("appliance", config.accel, config.memory_mb, config.cpus, paths),
         *media_argv(config),
         *network_argv(config),
+        *lan_argv(config),
         "-device",
         "virtio-rng-pci",
     ]
@@ -236,6 +261,15 @@ def network_argv(config: BootConfig) -> list[str]:
         netdev += f",tftp={config.media.parent},bootfile={config.media.name}"
         nic = "virtio-net-pci,netdev=net0,bootindex=0"
     return ["-netdev", netdev, "-device", nic]
+
+
+def lan_argv(config: BootConfig) -> list[str]:
+    """The LAN NIC: a virtio NIC on QEMU's multicast socket backend, a hub: its frames reach every other
+    node on the same port (and its own NIC, as every member of the group gets what is sent to it)."""
+    if config.lan is None:
+        return []
+    netdev = f"socket,id=net1,mcast={LAN_GROUP}:{config.lan.port},localaddr={LAN_INTERFACE}"
+    return ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=net1,mac={config.lan.mac},romfile="]
 
 
 class RunningVm:
