@@ -77,7 +77,8 @@ class LanNodes:
 
     def ok(self, *args: str) -> str:
         done = self.cli(*args)
-        assert done.returncode == 0, (args, done.stdout, done.stderr)
+        # A string, which pytest shows whole (the agent's message is the end of a long line).
+        assert done.returncode == 0, f"{' '.join(args)}: exit {done.returncode}\n{done.stdout}{done.stderr}"
         return done.stdout
 
     def json(self, *args: str) -> Any:
