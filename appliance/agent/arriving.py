@@ -87,6 +87,10 @@ MEMORY_SOCKET = "mig-in.sock"
 NBD_SOCKET = "nbd.sock"
 # How long the destination waits for its migration's last bytes once the source has sent them.
 FINISH_WAIT = 60.0
+# The arriving QEMU reads the incoming stream in its main loop, which is also the one that answers its
+# monitor: while bytes keep coming faster than it takes them (TLS on a slow or emulated CPU, a nested
+# node's), it may not answer for longer than QMP's usual 10 s. Less than a client's 60 s per request.
+INCOMING_MONITOR_TIMEOUT = 45.0
 
 
 def qemu_version() -> tuple[int, ...]:
@@ -330,11 +334,18 @@ def dest_listen(host: Hypervisor, store: Store, sessions: Sessions, name: str, d
 
 
 def dest_status(host: Hypervisor, store: Store, sessions: Sessions, name: str) -> dict[str, Any]:
+    """Whether the arrival is still here (the client asks as it goes): its QEMU's migration status, or
+    `busy` when that QEMU runs but is too taken up with the incoming stream to answer its monitor."""
     session = sessions.arriving_guest(name)
     if not session.listening:
         return {"name": name, "status": "none"}
-    with qmp(host, name) as client:
-        return {"name": name, "status": client.execute("query-migrate").get("status", "none")}
+    try:
+        with qmp(host, name) as client:
+            return {"name": name, "status": client.execute("query-migrate").get("status", "none")}
+    except AgentError:
+        if running_pid(host.paths(name)) is None:
+            raise
+        return {"name": name, "status": "busy"}
 
 
 def dest_finish(host: Hypervisor, store: Store, sessions: Sessions, name: str, resume: bool) -> dict[str, Any]:
@@ -374,7 +385,7 @@ def receive_last(host: Hypervisor, name: str, direct: bool) -> None:
     """This QEMU has the whole guest: its migration completed; then its NBD server (and a direct
     migration's credentials) go."""
     deadline = time.monotonic() + FINISH_WAIT
-    with qmp(host, name) as client:
+    with qmp(host, name, INCOMING_MONITOR_TIMEOUT) as client:
         try:
             while (state := client.execute("query-migrate").get("status")) != "completed":
                 if state in ("failed", "cancelled") or time.monotonic() >= deadline:

@@ -38,6 +38,8 @@ from appliance.agent.tools import run_tool
 
 QEMU_IMG = "qemu-img"
 CONSOLE_TAIL_MAX = 64 * 1024
+# How long a QMP answer is awaited, unless the caller knows QEMU may be slower (qemu.qmp_session's default).
+QMP_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -279,13 +281,14 @@ def start_autostart_guests(host: Hypervisor, store: Store) -> list[dict[str, Any
 
 
 @contextmanager
-def qmp(host: Hypervisor, name: str) -> Iterator[QMPClient]:
-    """A connected QMP session with a running guest; QMP failures become agent errors."""
+def qmp(host: Hypervisor, name: str, timeout: float = QMP_TIMEOUT) -> Iterator[QMPClient]:
+    """A connected QMP session with a running guest (each answer awaited TIMEOUT seconds at most); QMP
+    failures become agent errors."""
     paths = host.paths(name)
     if running_pid(paths) is None:
         raise guest_not_running(name)
     try:
-        with qmp_session(paths) as client:
+        with qmp_session(paths, timeout) as client:
             yield client
     except QMPError as error:
         raise AgentError(ErrorCode.QMP_FAILED, f"guest {name!r}: {error}") from error

@@ -33,6 +33,7 @@ from appliance.agent.migration import (
     comparable_argv,
     drop_tls,
     failed,
+    first_difference,
     flag,
     job_name,
     load_tls,
@@ -133,10 +134,12 @@ def describe(host: Hypervisor, store: Store, name: str) -> dict[str, Any]:
         return departure
     # The running QEMU must be the machine the destination will build from the definition.
     running = comparable_argv(running_argv(pid), paths.directory, host.images_dir)
-    if running != comparable_argv(qemu_argv(host, spec, paths), paths.directory, host.images_dir):
+    defined = comparable_argv(qemu_argv(host, spec, paths), paths.directory, host.images_dir)
+    if running != defined:
         raise refused(
             f"guest {name!r} runs with an older definition than it has now (changed by guest.update, or a disk "
-            "added since it started): restart it to migrate it running, or stop it to migrate it stopped"
+            "added since it started): restart it to migrate it running, or stop it to migrate it stopped "
+            f"({first_difference(defined, running, 'by its definition', 'running')})"
         )
     with qmp(host, name) as client:
         state = str(client.execute("query-status")["status"])

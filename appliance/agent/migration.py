@@ -97,10 +97,15 @@ def copied_files(spec: GuestSpec, live: bool) -> list[str]:
 
 def comparable_argv(argv: list[str], directory: Path, images_dir: Path) -> list[str]:
     """QEMU's command line with what differs between two nodes running the same machine taken out: the
-    launcher in front of it, the guest's and the images' directories, the machine type's version (the
-    arriving guest is given its node's), the migration's own arguments, and vhost (a host-side backend)."""
-    if argv and argv[0] != QEMU and "--" in argv:
+    launcher in front of it, where QEMU's program was found, the guest's and the images' directories, the
+    machine type's version (the arriving guest is given its node's), the migration's own arguments, and
+    vhost (a host-side backend)."""
+    if argv and Path(argv[0]).name != QEMU and "--" in argv:
         argv = argv[argv.index("--") + 1 :]
+    if argv and Path(argv[0]).name == QEMU:
+        # systemd-run starts the program it found on PATH by its full path (/usr/bin/...): a guest with no
+        # launcher runs with that as its argv[0], one through the launcher (exec'd by name) with QEMU's name.
+        argv = [QEMU, *argv[1:]]
     comparable: list[str] = []
     skip = False
     for index, argument in enumerate(argv):
@@ -123,11 +128,11 @@ def running_argv(pid: int) -> list[str]:
     return [part.decode() for part in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
 
 
-def first_difference(ours: list[str], theirs: list[str]) -> str:
+def first_difference(ours: list[str], theirs: list[str], here: str = "here", there: str = "there") -> str:
     for index, (mine, other) in enumerate(zip(ours, theirs, strict=False)):
         if mine != other:
-            return f"argument {index}: {other!r} there, {mine!r} here"
-    return f"{len(theirs)} arguments there, {len(ours)} here"
+            return f"argument {index}: {other!r} {there}, {mine!r} {here}"
+    return f"{len(theirs)} arguments {there}, {len(ours)} {here}"
 
 
 def refused(message: str) -> AgentError:

@@ -10,6 +10,9 @@ blank when made, for a node that claims one ([storage] claim_blank_disk);
 --nics 2 gives the node two NICs on the same network, for a bond of both.
 SSH is forwarded from the port of the last boot of the directory while it is
 free (--ssh-port picks one), so known_hosts keeps one entry for the node.
+--lan PORT adds a second NIC on a network shared by every node booted with
+the same port (QEMU's socket networking over loopback multicast), with a MAC
+of the directory's own.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from appliance.agent.accel import AccelChoice, probe_accel
 from appliance.boot.vm import (
     BootConfig,
     KernelPanicError,
+    Lan,
     QemuError,
     RunningVm,
     VmPaths,
     free_local_port,
+    lan_mac,
     local_port_free,
     make_blank_disk,
     make_disk_overlay,
@@ -62,6 +67,7 @@ class BootRequest:
     ssh_port: int | None = None  # None: the last boot's (DIR/run/ssh-port) if free, else any free one
     seed: Path | None = None  # a volume attached read-only: the provisioner's cidata or config-2
     nics: int = 1  # NICs on the one user-mode network: 2 for a bond of two ports
+    lan_port: int | None = None  # a second NIC on the host network of this port, shared with other nodes
 
 
 @dataclass(frozen=True)
@@ -149,6 +155,14 @@ def prepare_extra_disk(request: BootRequest, paths: VmPaths, say: TextIO) -> Pat
     return disk
 
 
+def lan_of(request: BootRequest, paths: VmPaths, say: TextIO) -> Lan | None:
+    if request.lan_port is None:
+        return None
+    lan = Lan(request.lan_port, lan_mac(paths.directory))
+    say.write(f"lan: a second NIC ({lan.mac}) on the network of every node booted with --lan {lan.port}\n")
+    return lan
+
+
 # What QEMU's user network calls the host's loopback, seen from the guest.
 QEMU_HOST_ADDRESS = "10.0.2.2"
 
@@ -207,6 +221,7 @@ def boot(request: BootRequest, say: TextIO = sys.stdout) -> BootResult:
         extra_disk=extra_disk,
         seed=request.seed,
         nics=request.nics,
+        lan=lan_of(request, paths, say),
     )
     if config.nics > 1:
         ids = ", ".join(f"{nic_id(index)} {nic_mac(index)}" for index in range(config.nics))

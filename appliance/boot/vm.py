@@ -6,6 +6,7 @@ probe guest really runs under it), and the runner says which and why.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -95,6 +96,28 @@ class VmPaths(QemuFiles):
         return self.directory / "disk.build-id"
 
 
+# QEMU's socket networking: the frames of every node on one LAN go as UDP datagrams to this multicast
+# group (at the LAN's port), sent and joined on the loopback interface alone, so nothing leaves this machine.
+LAN_GROUP = "230.0.0.1"
+LAN_INTERFACE = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Lan:
+    """A second NIC on a host network shared by every node booted with the same port (boot --lan)."""
+
+    port: int
+    mac: str  # one per node: frames between nodes with the same MAC go nowhere
+
+
+def lan_mac(run_dir: Path) -> str:
+    """The LAN NIC's MAC for the node whose files are in RUN_DIR: the same at every boot of it, as a real
+    NIC's is, and another for each directory (QEMU would give every node's second NIC the same one).
+    Locally administered and unicast, in QEMU's 52:54 range."""
+    digest = hashlib.sha256(str(run_dir.resolve()).encode()).digest()
+    return "52:54:" + ":".join(f"{byte:02x}" for byte in digest[:4])
+
+
 @dataclass(frozen=True)
 class BootConfig:
     media: Path  # an ISO; for media_kind "disk" a qcow2 disk; for "pxe" the iPXE script TFTP hands out
@@ -108,6 +131,7 @@ class BootConfig:
     seed: Path | None = None  # a raw volume attached read-only after it: a cidata or config-2 volume
     # A hardware watchdog, as servers have: systemd on the node keeps it, and a hung node resets.
     watchdog: bool = True
+    lan: Lan | None = None  # a second NIC, after the first (the node's first wired NIC stays the SSH one)
     # NICs on the one user-mode network (more than one: a bond's ports, each with a link to cut).
     nics: int = 1
 
@@ -184,6 +208,7 @@ def qemu_argv(config: BootConfig, paths: VmPaths) -> list[str]:
         *base_argv("appliance", config.accel, config.memory_mb, config.cpus, paths),
         *media_argv(config),
         *network_argv(config),
+        *lan_argv(config),
         "-device",
         "virtio-rng-pci",
     ]
@@ -288,6 +313,15 @@ def set_nic_link(paths: VmPaths, index: int, up: bool) -> None:
             monitor.execute("set_link", {"name": nic_id(index), "up": up})
     except QMPError as error:
         raise QemuError(f"cannot set the link of {nic_id(index)} {'up' if up else 'down'}: {error}") from error
+
+
+def lan_argv(config: BootConfig) -> list[str]:
+    """The LAN NIC: a virtio NIC on QEMU's multicast socket backend, a hub: its frames reach every other
+    node on the same port (and its own NIC, as every member of the group gets what is sent to it)."""
+    if config.lan is None:
+        return []
+    netdev = f"socket,id=net1,mcast={LAN_GROUP}:{config.lan.port},localaddr={LAN_INTERFACE}"
+    return ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=net1,mac={config.lan.mac},romfile="]
 
 
 class RunningVm:

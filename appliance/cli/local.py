@@ -11,7 +11,7 @@ from appliance.boot.selftest import SelftestError, SelftestOptions, selftest
 from appliance.boot.vm import MAX_NICS, VmPaths, stop_recorded_vm
 from appliance.build.dib import DEFAULT_CACHE_DIR
 from appliance.build.pipeline import build, read_key_files
-from appliance.cli.parsing import KEY_HELP, HelpFormatter, Verbs, tcp_port, whole_gib
+from appliance.cli.parsing import KEY_HELP, HelpFormatter, Verbs, tcp_port, udp_port, whole_gib
 from appliance.deploy.flash import FlashError, flash
 from appliance.deploy.pxe_server import CHAIN_SCRIPT, read_pxe_set, start_pxe_server
 from appliance.errors import EXIT_FAILED
@@ -95,13 +95,20 @@ def add_local_verbs(verbs: Verbs) -> None:
         "from boot to boot (data and SSH host key survive) until the build changes or --fresh-disk;\n"
         "it names NAME.raw relative to itself, so a copy of DIR boots its own image.\n"
         "With --media pxe QEMU's own DHCP and TFTP hand the NIC's iPXE the chain script, and the PXE set\n"
-        "is served over HTTP on 127.0.0.1 (as `appliance pxe serve` does) until the node is ready.",
+        "is served over HTTP on 127.0.0.1 (as `appliance pxe serve` does) until the node is ready.\n"
+        "With --lan PORT the node gets a second NIC on a network shared by every node booted with the same\n"
+        "PORT (QEMU's socket networking: UDP multicast kept to 127.0.0.1, nothing leaves this machine);\n"
+        "its MAC stays the same from boot to boot of DIR, and the spec's [network] says what the node does\n"
+        "with it (the default configures only the first NIC).",
         epilog="example:\n"
         "  appliance boot out --wait\n"
         "  appliance boot out --media disk --uefi --wait\n"
         "  appliance boot out --media pxe --wait\n"
         "  appliance boot out --nics 2 --wait    # a spec with a [network] bond of both NICs\n"
-        "  appliance stop out",
+        "  appliance stop out\n"
+        "two nodes on one network:\n"
+        "  appliance boot node1 --wait --lan 40400\n"
+        "  appliance boot node2 --wait --lan 40400",
     )
     boot_cmd.add_argument("dir", type=Path, help="build directory (holds manifest.json)")
     boot_cmd.add_argument("--wait", action="store_true", help="return once the node is ready, leaving QEMU running")
@@ -156,6 +163,12 @@ def add_local_verbs(verbs: Verbs) -> None:
         metavar="FILE",
         help="attach FILE read-only as another disk: a cidata (NoCloud) or config-2 (ConfigDrive) volume "
         "the node takes its host name, keys and network from at boot",
+    )
+    boot_cmd.add_argument(
+        "--lan",
+        type=udp_port,
+        metavar="PORT",
+        help="a second NIC on the network shared by every node booted with this --lan PORT",
     )
     boot_cmd.add_argument(
         "--fresh-disk",
@@ -273,6 +286,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         ssh_port=args.ssh_port,
         seed=args.seed,
         nics=args.nics,
+        lan_port=args.lan,
     )
     result = boot(request)
     if args.wait:

@@ -63,11 +63,20 @@ def local_port(text: str) -> int:
     return 0 if text == "0" else tcp_port(text)
 
 
+def port_number(text: str, protocol: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {protocol} port (1-65535)")
+    return int(text)
+
+
 def tcp_port(text: str) -> int:
     """A TCP port for argparse: 1-65535."""
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
-    return int(text)
+    return port_number(text, "TCP")
+
+
+def udp_port(text: str) -> int:
+    """A UDP port for argparse: 1-65535."""
+    return port_number(text, "UDP")
 
 
 def add_key_options(parser: argparse.ArgumentParser, timeout: float) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -39,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TINY_GUEST_MARKER = "TINY-GUEST-READY"
+# A line of `tiny.counter`, whole: one still being written is not read yet (its number may be cut short).
+COUNT_LINE = re.compile(r"^tiny-count (\d+)\r?\n", re.MULTILINE)
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "appliance-tests"
 
@@ -163,6 +166,11 @@ ANSWER = """#!/bin/sh
 echo "tiny-hello from $(hostname)"
 echo "tiny-served" > /dev/console
 """
+
+
+def tiny_counts(console: str) -> list[int]:
+    """The numbers `tiny.counter` printed on a console, in order."""
+    return [int(number) for number in COUNT_LINE.findall(console)]
 
 
 @dataclass(frozen=True)

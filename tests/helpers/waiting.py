@@ -10,8 +10,8 @@ T = TypeVar("T")
 POLL_SECONDS = 0.02
 
 
-def wait_until(condition: Callable[[], T], timeout: float, what: str) -> T:
-    """The first truthy value of `condition()`, polled until `timeout` seconds have passed."""
+def wait_until(condition: Callable[[], T], timeout: float, what: str, poll: float = POLL_SECONDS) -> T:
+    """The first truthy value of `condition()`, polled every `poll` seconds until `timeout` seconds have passed."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -19,4 +19,4 @@ def wait_until(condition: Callable[[], T], timeout: float, what: str) -> T:
             return value
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(POLL_SECONDS)
+        time.sleep(poll)

@@ -227,3 +227,11 @@ def test_boot_takes_ssh_port_on_the_command_line(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "appliance.cli", "boot", str(tmp_path), "--ssh-port", "70000"],
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "'70000' is not a TCP port (1-65535)" in bad.stderr
+
+
+def test_boot_takes_a_lan_port_on_the_command_line(tmp_path: Path) -> None:
+    helped = subprocess.run([sys.executable, "-m", "appliance.cli", "boot", "--help"], capture_output=True, text=True)
+    assert "--lan PORT" in helped.stdout and "appliance boot node2 --wait --lan 40400" in helped.stdout
+    bad = subprocess.run([sys.executable, "-m", "appliance.cli", "boot", str(tmp_path), "--lan", "0"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "'0' is not a UDP port (1-65535)" in bad.stderr

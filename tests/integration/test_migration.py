@@ -23,7 +23,7 @@ import pytest
 from helpers.keys import make_key
 from helpers.listeners import Listener
 from helpers.sshd import Sshd
-from helpers.tiny_guest import TINY_GUEST_MARKER, TinyGuest, build_tiny_guest
+from helpers.tiny_guest import TINY_GUEST_MARKER, TinyGuest, build_tiny_guest, tiny_counts
 from helpers.waiting import wait_until
 
 from appliance.agent.qemu import qmp_session
@@ -35,7 +35,6 @@ pytestmark = pytest.mark.slow
 DEADLINE = 180.0
 MIB = 1 << 20
 GIB = 1 << 30
-COUNT = re.compile(r"^tiny-count (\d+)\r?$", re.MULTILINE)
 
 
 @dataclass
@@ -117,7 +116,7 @@ def start_counting(nodes: Nodes, name: str, console: Path) -> None:
 
 def counts(console: Path) -> list[int]:
     try:
-        return [int(number) for number in COUNT.findall(console.read_text(errors="replace"))]
+        return tiny_counts(console.read_text(errors="replace"))
     except FileNotFoundError:
         return []
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -16,9 +17,11 @@ from appliance.agent.accel import (
 )
 from appliance.boot.vm import (
     BootConfig,
+    Lan,
     QemuError,
     VmPaths,
     free_local_port,
+    lan_mac,
     qemu_argv,
     set_nic_link,
     start_vm,
@@ -168,6 +171,23 @@ def test_an_extra_disk_comes_after_the_boot_media_and_is_never_booted(tmp_path: 
         f"file={extra},format=qcow2,if=none,id=disk1,discard=unmap"
     )
     assert "virtio-blk-pci,drive=disk1" in argv
+
+
+def test_a_lan_nic_comes_after_the_ssh_nic_on_loopback_multicast_with_a_mac_of_the_nodes_own(
+    tmp_path: Path,
+) -> None:
+    mac = lan_mac(tmp_path / "one" / "run")
+    assert mac == lan_mac(tmp_path / "one" / "run") != lan_mac(tmp_path / "two" / "run")
+    assert re.fullmatch(r"52:54(:[0-9a-f]{2}){4}", mac)
+    config = BootConfig(media=tmp_path / "a.iso", accel=AccelChoice("tcg", "test"), ssh_port=2222, lan=Lan(40400, mac))
+    argv = qemu_argv(config, VmPaths(tmp_path / "one" / "run"))
+    lan = argv.index("socket,id=net1,mcast=230.0.0.1:40400,localaddr=127.0.0.1")
+    assert argv[lan - 1] == "-netdev" and argv[lan + 2] == f"virtio-net-pci,netdev=net1,mac={mac},romfile="
+    # The first NIC (the SSH one, the node's "first wired" NIC) comes first: its PCI slot is the lower.
+    assert argv.index("virtio-net-pci,netdev=net0,romfile=") < lan
+    assert "hostfwd=tcp:127.0.0.1:2222-:22" in argv[argv.index("-netdev") + 1]
+    assert "net1" not in " ".join(qemu_argv(BootConfig(media=tmp_path / "a.iso", accel=AccelChoice("tcg", "test"),
+                                                       ssh_port=2222), VmPaths(tmp_path / "run")))  # fmt: skip
 
 
 def test_an_unreachable_kvm_device_is_not_kept_for_the_boot(tmp_path: Path) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from appliance.manifest import ArtifactKind, Manifest
 from appliance.spec import default_spec_text
 
 # An operator health check that fails while this file is on the node's data partition:
@@ -36,6 +38,18 @@ def spec_text_for_tests(operator_public_key: str) -> str:
         assert default in text, f"the default spec no longer says {default}"
         text = text.replace(default, wanted)
     return text
+
+
+def own_copy(build: Path, directory: Path, kinds: tuple[ArtifactKind, ...]) -> Path:
+    """The build's manifest and the artifacts a boot needs, in a directory whose run/ is this test's."""
+    directory.mkdir()
+    manifest = Manifest.load(build)
+    for kind in kinds:
+        source = manifest.artifact(kind)
+        subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(source), str(directory / source.name)],
+                       check=True)  # fmt: skip
+    shutil.copy(build / "manifest.json", directory / "manifest.json")
+    return directory
 
 
 @pytest.fixture(scope="session")

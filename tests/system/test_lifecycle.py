@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ import pytest
 from helpers.keys import make_key
 from helpers.lifecycle_builds import LifecycleBuilds, build_variants
 from helpers.waiting import wait_until
-from system.conftest import UNHEALTHY_MARKER, UNHEALTHY_TIMEOUT, spec_text_for_tests
+from system.conftest import UNHEALTHY_MARKER, UNHEALTHY_TIMEOUT, own_copy, spec_text_for_tests
 
 from appliance.agent.accel import PROBE_BOOT_SECTOR, AccelChoice
 from appliance.boot.vm import BootConfig, VmPaths, start_vm
@@ -107,18 +106,6 @@ class Booted:
             capture_output=True, text=True, timeout=120, check=True,
         )  # fmt: skip
         return done.stdout
-
-
-def own_copy(build: Path, directory: Path, kinds: tuple[ArtifactKind, ...]) -> Path:
-    """The build's manifest and the artifacts a boot needs, in a directory whose run/ is this test's."""
-    directory.mkdir()
-    manifest = Manifest.load(build)
-    for kind in kinds:
-        source = manifest.artifact(kind)
-        subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(source), str(directory / source.name)],
-                       check=True)  # fmt: skip
-    shutil.copy(build / "manifest.json", directory / "manifest.json")
-    return directory
 
 
 def boot(out_dir: Path, *options: str) -> tuple[int, float]:

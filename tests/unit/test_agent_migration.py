@@ -32,6 +32,23 @@ def test_two_nodes_running_the_same_machine_compare_equal() -> None:
     assert "file={guest}/disk0.qcow2,if=none,id=disk0,format=qcow2" in here
 
 
+def test_qemu_started_by_its_full_path_is_the_same_machine() -> None:
+    """A guest with no launcher, started by systemd-run (which gives QEMU the full path it found on PATH
+    as argv[0]), compares equal to the command line its definition gives, and to one through the launcher."""
+    here = comparable_argv(argv(GUEST_DIR, IMAGES_DIR), GUEST_DIR, IMAGES_DIR)
+    by_systemd = ["/usr/bin/qemu-system-x86_64", *argv(GUEST_DIR, IMAGES_DIR)[1:]]
+    assert comparable_argv(by_systemd, GUEST_DIR, IMAGES_DIR) == here
+    assert here[0] == "qemu-system-x86_64"
+    # Another program is still another machine.
+    other = comparable_argv(["/usr/bin/qemu-system-aarch64", *by_systemd[1:]], GUEST_DIR, IMAGES_DIR)
+    assert (
+        first_difference(here, other) == "argument 0: '/usr/bin/qemu-system-aarch64' there, 'qemu-system-x86_64' here"
+    )
+    assert first_difference(here, other, "by its definition", "running").endswith(
+        "running, 'qemu-system-x86_64' by its definition"
+    )
+
+
 def test_another_machine_is_told_apart_naming_the_first_difference() -> None:
     here = comparable_argv(argv(GUEST_DIR, IMAGES_DIR), GUEST_DIR, IMAGES_DIR)
     other = comparable_argv(argv(GUEST_DIR, IMAGES_DIR, "q35", "-device", "VGA"), GUEST_DIR, IMAGES_DIR)
