@@ -25,6 +25,10 @@ ISO_GRUB_MODULES = (
     "normal", "linux", "configfile", "echo", "test", "true", "sleep", "serial", "terminal", "all_video",
     "iso9660", "part_msdos", "part_gpt", "fat", "ext2", "search", "search_fs_uuid", "search_label",
     "loadenv", "regexp", "reboot", "halt",
+    # grub-mkrescue's EFI image loads every partition map it knows before grub.cfg: without these, OVMF's
+    # console shows a "file not found" error for each at every boot.
+    "part_acorn", "part_amiga", "part_apple", "part_bsd", "part_dfly", "part_dvh", "part_plan", "part_sun",
+    "part_sunpc",
 )  # fmt: skip
 
 
