@@ -73,6 +73,13 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for module in /modules/*.ko; do insmod "$module"; done
 acpid -d -c /etc/acpi &
+# The marker only once acpid holds the power button's input device: a power-down asked as soon as the
+# marker shows (the tests do) must not come before anyone listens for it.
+acpid_pid=$!
+for try in $(seq 1 100); do
+    ls -l /proc/$acpid_pid/fd 2>/dev/null | grep -q /dev/input/ && break
+    sleep 0.1
+done
 
 echo "{TINY_GUEST_MARKER} $(nproc) cpus"
 /bin/tiny-extras &
