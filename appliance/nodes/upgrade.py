@@ -231,12 +231,25 @@ def upgrade_node(
             return outcome
         reboot(node, outcome)
     if options.wait > 0:
-        last = wait_for_verdict(connect, address, outcome, from_build, options.wait, say)
-        outcome.reason = str(last.get("reason", ""))
-        outcome.seconds.update({key: float(value) for key, value in (last.get("seconds") or {}).items()})
-        if outcome.result == "rolled_back":
-            raise RolledBackError(f"{address.host} rolled back to {from_build}: {outcome.reason}")
+        await_verdict(connect, address, outcome, from_build, options.wait, say)
     return outcome
+
+
+def await_verdict(
+    connect: Callable[[NodeAddress], Node],
+    address: NodeAddress,
+    outcome: UpgradeOutcome,
+    from_build: str,
+    timeout: float,
+    say: Say,
+) -> None:
+    """After the reboot into OUTCOME's trial: the node's verdict, its reason and seconds into OUTCOME;
+    RolledBackError when it went back to FROM_BUILD."""
+    last = wait_for_verdict(connect, address, outcome, from_build, timeout, say)
+    outcome.reason = str(last.get("reason", ""))
+    outcome.seconds.update({key: float(value) for key, value in (last.get("seconds") or {}).items()})
+    if outcome.result == "rolled_back":
+        raise RolledBackError(f"{address.host} rolled back to {from_build}: {outcome.reason}")
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,12 @@ class NodeSession:
         self.node = self._node(self.timeout)
 
     def _node(self, timeout: float) -> Node:
-        return Node(self.address, self.keyring, self.known_hosts, self.strict, timeout)
+        return self.connector(timeout)(self.address)
+
+    def connector(self, timeout: float) -> Callable[[NodeAddress], Node]:
+        """New connections with this session's keys and host keys, each request awaited TIMEOUT seconds at
+        most (for the project's functions that open their own: an upgrade reconnects after the reboot)."""
+        return lambda address: Node(address, self.keyring, self.known_hosts, self.strict, timeout)
 
     def call(self, method: str, params: dict[str, Any] | None = None, *, idempotent: bool = False) -> Any:
         return self.node.call(method, params, idempotent=idempotent)

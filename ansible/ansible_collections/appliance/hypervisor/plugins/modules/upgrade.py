@@ -138,14 +138,13 @@ try:
     from appliance.errors import ApplianceError
     from appliance.nodes.client import Node, NodeAddress
     from appliance.nodes.upgrade import (
-        RolledBackError,
         UpgradeBuild,
         UpgradeOptions,
         UpgradeOutcome,
+        await_verdict,
         load_build,
         reboot,
         upgrade_node,
-        wait_for_verdict,
     )
 except ImportError:  # run_module fails the task saying what is missing before any of these is used
     pass
@@ -209,11 +208,7 @@ def run(module: AnsibleModule, session: NodeSession) -> dict[str, Any]:
         reboot=params["reboot"],
         wait=float(params["wait_timeout"]) if params["reboot"] else 0.0,
     )
-    timeout = max(session.timeout, UPGRADE_TIMEOUT)
-
-    def connect(address: NodeAddress) -> Node:
-        return Node(address, session.keyring, session.known_hosts, session.strict, timeout)
-
+    connect = session.connector(max(session.timeout, UPGRADE_TIMEOUT))
     said: list[str] = []
     outcome = upgrade_node(connect, session.address, build, options, said.append)
     result.update(
@@ -244,9 +239,7 @@ def reboot_armed(
     options: UpgradeOptions,
 ) -> str:
     reboot(session.node, outcome)
-    last = wait_for_verdict(connect, session.address, outcome, running, options.wait, lambda _: None)
-    if outcome.result == "rolled_back":
-        raise RolledBackError(f"{session.address.host} rolled back to {running}: {last.get('reason', '')}")
+    await_verdict(connect, session.address, outcome, running, options.wait, lambda _: None)
     return outcome.result
 
 
