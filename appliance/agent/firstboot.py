@@ -28,7 +28,6 @@ import subprocess
 import tempfile
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -336,6 +335,10 @@ def nocloud_url(cmdline: str) -> tuple[str, str] | None:
 
 
 def seed_from_url(url: str, hostname: str, seed: Path, wait: float = URL_WAIT) -> None:
+    # Imported here: urllib.request brings http.client, email and ssl, a second of a boot's
+    # CPU under emulation, and only a NoCloud seed given by URL needs it.
+    import urllib.request
+
     deadline = time.monotonic() + wait
     with tempfile.TemporaryDirectory(prefix="firstboot-", dir="/run") as where:
         root = Path(where)

@@ -53,22 +53,29 @@ def reboot() -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    # Imported here, as __main__ imports each verb's modules: the parser is built at every boot.
-    from appliance.agent import firstboot, install, lifecycle_helper, trial
-    from appliance.agent.errors import AgentError
-
+    # Each verb imports its own modules only: two of them run on the way to ready at every boot,
+    # where each import is paid in CPU under emulation.
     try:
         config = load_lifecycle_config()
     except LifecycleConfigError as error:
         say(str(error))
         return 1
     if args.verb == "lifecycle-helper":
+        from appliance.agent import lifecycle_helper
+
         return lifecycle_helper.main(config)
     if args.verb == "lifecycle-boot":
+        from appliance.agent import trial
+
         outcome = trial.boot_check(config, say, reboot)
         return 0 if outcome != "rolled-back" else 1
     if args.verb == "firstboot":
+        from appliance.agent import firstboot
+
         return firstboot.main(config, say, late=args.network)
+    from appliance.agent import install
+    from appliance.agent.errors import AgentError
+
     try:
         disk = install.first_blank_disk() if args.disk == "first-blank" else args.disk
         done = install.install(config, disk, args.wipe, lambda text: say(f"install: {text}"))
