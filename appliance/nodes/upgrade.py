@@ -173,48 +173,6 @@ def reboot(node: Node, outcome: UpgradeOutcome) -> None:
     outcome.rebooted = True
 
 
-def wait_for_verdict(
-    connect: Callable[[NodeAddress], Node],
-    address: NodeAddress,
-    outcome: UpgradeOutcome,
-    from_build: str,
-    timeout: float,
-    say: Say,
-) -> dict[str, Any]:
-    """Poll the node until it has judged the trial of OUTCOME's build: blessed and running it, or
-    rolled back and running FROM_BUILD again. Returns the last upgrade as the node reports it."""
-    started = time.monotonic()
-    deadline = started + timeout
-    last_seen = ""
-    while True:
-        seen = ""
-        try:
-            with connect(address) as node:
-                report = node.call("host.report", idempotent=True)
-            last = (report.get("slots") or {}).get("last_upgrade") or {}
-            running = str(report.get("build_id", ""))
-            seen = f"{running}: {last.get('result', '?')}"
-            if last.get("build_id") == outcome.build_id:
-                if last.get("result") == "blessed" and running == outcome.build_id:
-                    outcome.result = "blessed"
-                    outcome.seconds["verdict"] = round(time.monotonic() - started, 1)
-                    return dict(last)
-                if last.get("result") == "rolled_back" and running == from_build:
-                    outcome.result = "rolled_back"
-                    outcome.seconds["verdict"] = round(time.monotonic() - started, 1)
-                    return dict(last)
-        except NodeError as error:
-            seen = f"not answering ({error.code})"
-        if seen != last_seen:
-            say(f"{address.host}: {seen}")
-            last_seen = seen
-        if time.monotonic() >= deadline:
-            raise UpgradeError(
-                f"{address.host} did not judge the trial of {outcome.build_id} within {timeout:.0f}s (last: {seen})"
-            )
-        time.sleep(POLL_SECONDS)
-
-
 def upgrade_node(
     connect: Callable[[NodeAddress], Node],
     address: NodeAddress,
@@ -243,10 +201,39 @@ def await_verdict(
     timeout: float,
     say: Say,
 ) -> None:
-    """After the reboot into OUTCOME's trial: the node's verdict, its reason and seconds into OUTCOME;
-    RolledBackError when it went back to FROM_BUILD."""
-    last = wait_for_verdict(connect, address, outcome, from_build, timeout, say)
+    """After the reboot into OUTCOME's trial, poll the node until it has judged the trial: blessed and
+    running OUTCOME's build, or rolled back and running FROM_BUILD again. The verdict, its reason and
+    the node's seconds go into OUTCOME; RolledBackError when it went back."""
+    started = time.monotonic()
+    deadline = started + timeout
+    last_seen = ""
+    while True:
+        seen = ""
+        try:
+            with connect(address) as node:
+                report = node.call("host.report", idempotent=True)
+            last = (report.get("slots") or {}).get("last_upgrade") or {}
+            running = str(report.get("build_id", ""))
+            seen = f"{running}: {last.get('result', '?')}"
+            judged = last.get("build_id") == outcome.build_id and (
+                (last.get("result") == "blessed" and running == outcome.build_id)
+                or (last.get("result") == "rolled_back" and running == from_build)
+            )
+            if judged:
+                break
+        except NodeError as error:
+            seen = f"not answering ({error.code})"
+        if seen != last_seen:
+            say(f"{address.host}: {seen}")
+            last_seen = seen
+        if time.monotonic() >= deadline:
+            raise UpgradeError(
+                f"{address.host} did not judge the trial of {outcome.build_id} within {timeout:.0f}s (last: {seen})"
+            )
+        time.sleep(POLL_SECONDS)
+    outcome.result = str(last["result"])
     outcome.reason = str(last.get("reason", ""))
+    outcome.seconds["verdict"] = round(time.monotonic() - started, 1)
     outcome.seconds.update({key: float(value) for key, value in (last.get("seconds") or {}).items()})
     if outcome.result == "rolled_back":
         raise RolledBackError(f"{address.host} rolled back to {from_build}: {outcome.reason}")
