@@ -32,6 +32,7 @@ from appliance.nodes.inventory import HostEntry
 
 DEFAULT_WAIT_SECONDS = 900.0
 POLL_SECONDS = 5.0
+POLL_TIMEOUT_SECONDS = 30.0  # each poll's connection and request
 GUEST_STOP_SECONDS = 120
 # The slot's file names, by the build's artifact kinds.
 SLOT_FILES = (
@@ -210,7 +211,12 @@ def await_verdict(
     while True:
         seen = ""
         try:
-            with connect(address) as node:
+            node = connect(address)
+            # The upload may need a long timeout; a poll must not: a connection opened while the node is
+            # down can be accepted by a port forward (QEMU's user network, a NAT) and then wait for a
+            # banner that only a later connection would get.
+            node.timeout = min(node.timeout, POLL_TIMEOUT_SECONDS)
+            with node:
                 report = node.call("host.report", idempotent=True)
             last = (report.get("slots") or {}).get("last_upgrade") or {}
             running = str(report.get("build_id", ""))

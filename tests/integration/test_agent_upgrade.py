@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +36,9 @@ from appliance.manifest import (
     describe_artifacts,
     write_manifest,
 )
+from appliance.nodes import upgrade
 from appliance.nodes.client import Node, NodeAddress
-from appliance.nodes.upgrade import UpgradeError, UpgradeOptions, load_build, upgrade_node
+from appliance.nodes.upgrade import UpgradeError, UpgradeOptions, UpgradeOutcome, load_build, upgrade_node
 
 OLD = "appliance-20260101T000000Z-aaaa0000"
 NEW = "appliance-20260102T000000Z-bbbb1111"
@@ -185,6 +188,40 @@ def test_the_client_pushes_a_build_over_ssh_once(lifecycle: Node_, tmp_path: Pat
         assert again.noop and again.sent_bytes == 0
     finally:
         sshd.stop()
+
+
+def test_waiting_for_the_verdict_is_not_held_by_a_connection_that_gets_no_banner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rebooting node behind a port forward (QEMU's user network, a NAT): the TCP connect is accepted,
+    # and no SSH banner comes on that connection. The upload's long timeout must not hold each poll.
+    monkeypatch.setattr(upgrade, "POLL_TIMEOUT_SECONDS", 1.0)
+    silent = socket.create_server(("127.0.0.1", 0))
+    key = make_key(tmp_path)
+    address = NodeAddress("127.0.0.1", silent.getsockname()[1], "root")
+    outcome = UpgradeOutcome("127.0.0.1", NEW, rebooted=True)
+    said: list[str] = []
+    failed: list[BaseException] = []
+
+    def connect(where: NodeAddress) -> Node:
+        return Node(where, key, known_hosts=tmp_path / "known_hosts", timeout=300)
+
+    def wait() -> None:
+        try:
+            upgrade.await_verdict(connect, address, outcome, OLD, 0.5, said.append)
+        except BaseException as error:
+            failed.append(error)
+
+    waiting = threading.Thread(target=wait, daemon=True)
+    try:
+        waiting.start()
+        waiting.join(60)
+        assert not waiting.is_alive(), "a poll waited for the upload's 300 s timeout"
+    finally:
+        silent.close()
+    assert len(failed) == 1 and isinstance(failed[0], UpgradeError), failed
+    assert "did not judge the trial" in str(failed[0]) and "not answering" in str(failed[0])
+    assert said == ["127.0.0.1: not answering (timeout)"]
 
 
 def load_build_dir(directory: Path, build: StandIn):  # type: ignore[no-untyped-def]
