@@ -6,8 +6,8 @@ Upgrades (one disk node, booted once from the session's disk image, build A):
   guest's definition (running again) and the image kept; B again is a no-op;
   -> P (a kernel that panics) comes back on B by itself; -> A again (the guest
   deleted first), with the marker file its operator check fails on (never
-  healthy), comes back on B by itself; host.report says rolled back and why each time; a rollback by hand
-  to that failed slot is refused.
+  healthy), comes back on B by itself; host.report says rolled back and why
+  each time; a rollback by hand to that failed slot is refused.
 Install and first boot (one ISO node, build B): a cidata volume gives the host
 name, a key and a static address; `node install` writes the blank disk; the
 disk alone boots the same node (host key, an image pushed before, the host
